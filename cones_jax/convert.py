@@ -1,0 +1,160 @@
+"""PyTorch state dict -> Flax params, by a handful of mechanical rules, every shape checked.
+
+Our Flax modules are named after the PyTorch module paths (`down_blocks_0/resnets_1/conv1`), so a
+PyTorch key maps to a Flax path by joining each list index onto the name before it
+(`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`). The leaf rule
+comes from what the target tree holds at that path:
+
+  kernel of a Conv   (4-D)  <- weight OIHW, transposed to HWIO
+  kernel of a Dense  (2-D)  <- weight [out, in] transposed (a 1x1 conv weight [out, in, 1, 1] too)
+  scale of a norm           <- weight
+  embedding of an Embed     <- weight
+  bias                      <- bias
+
+The target tree comes from `jax.eval_shape(module.init, ...)`: no weights are created to learn it.
+This module is pure: numpy in, numpy out; no file access, no jax device work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping
+
+import numpy as np
+
+from cones_jax.fileio import CheckpointError
+
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """`a.b.0.c.weight` -> ('a', 'b_0', 'c', 'weight')."""
+    return tuple(_INDEX.sub(r"_\1", key).split("."))
+
+
+def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _leaf(target_leaves: Mapping, module_path: tuple[str, ...], torch_leaf: str, value: np.ndarray):
+    """Returns (flax path, converted value) for one PyTorch tensor, or None if no target matches."""
+    if torch_leaf == "bias":
+        path = module_path + ("bias",)
+        return (path, value) if path in target_leaves else None
+    if torch_leaf != "weight":
+        return None
+    for name in ("kernel", "scale", "embedding"):
+        path = module_path + (name,)
+        if path not in target_leaves:
+            continue
+        if name != "kernel":
+            return path, value
+        rank = len(target_leaves[path].shape)
+        if rank == 4 and value.ndim == 4:
+            return path, np.transpose(value, (2, 3, 1, 0))
+        if rank == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
+            return path, value[:, :, 0, 0].T
+        if rank == 2 and value.ndim == 2:
+            return path, value.T
+        return path, value  # rank mismatch: reported by the shape check
+    return None
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    target: Mapping,
+    *,
+    rename: Callable[[str], str | None] = lambda k: k,
+    dtype=None,
+    component: str = "model",
+    put: Callable[[np.ndarray], object] = lambda x: x,
+) -> dict:
+    """Converts a PyTorch-named state dict to a Flax params tree shaped like `target`.
+
+    Args:
+      state: PyTorch key -> array (may be memory-mapped; each is read once).
+      target: params tree of shape/dtype structs (from `jax.eval_shape`); leaves need `.shape`.
+      rename: maps a checkpoint key to our canonical PyTorch key, or None to drop it (buffers such
+        as `position_ids`, legacy names).
+      dtype: cast every floating tensor to this dtype (None keeps the target's dtype).
+      component: name used in error messages ("unet", "vae", ...).
+      put: called on each converted array (e.g. `jax.device_put`) so that host copies are freed
+        tensor by tensor.
+
+    Raises:
+      CheckpointError naming the first missing, unexpected or mis-shaped keys.
+    """
+    target_leaves = flatten(target)
+    out: dict[tuple[str, ...], object] = {}
+    unexpected, mismatched = [], []
+    for key in state:
+        canonical = rename(key)
+        if canonical is None:
+            continue
+        parts = torch_key_to_path(canonical)
+        hit = _leaf(target_leaves, parts[:-1], parts[-1], state[key])
+        if hit is None:
+            unexpected.append(key)
+            continue
+        path, value = hit
+        want = tuple(target_leaves[path].shape)
+        if tuple(value.shape) != want:
+            mismatched.append(f"{key} has shape {tuple(state[key].shape)}, expected {want} for {'/'.join(path)}")
+            continue
+        want_dtype = dtype if dtype is not None else target_leaves[path].dtype
+        if np.issubdtype(np.asarray(value).dtype, np.floating) or value.dtype.name == "bfloat16":
+            value = np.asarray(value).astype(want_dtype)
+        out[path] = put(np.ascontiguousarray(value))
+    missing = [p for p in target_leaves if p not in out]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} mis-shaped tensor(s): " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): " + ", ".join("/".join(p) for p in missing[:3]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:3]))
+    if problems:
+        raise CheckpointError(f"{component} weights do not match its config: " + " | ".join(problems))
+    return unflatten(out)
+
+
+def params_to_state_dict(params: Mapping, template: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Inverse of `convert_state_dict`: template maps PyTorch key -> PyTorch shape.
+
+    Used to write checkpoints that PyTorch diffusers can load (the bundled demo model) and by
+    round-trip tests.
+    """
+    leaves = flatten(params)
+    out = {}
+    for key in template:
+        parts = torch_key_to_path(key)
+        module, leaf = parts[:-1], parts[-1]
+        if leaf == "bias":
+            out[key] = np.asarray(leaves[module + ("bias",)])
+            continue
+        for name in ("kernel", "scale", "embedding"):
+            if module + (name,) in leaves:
+                v = np.asarray(leaves[module + (name,)])
+                if name == "kernel":
+                    v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
+                out[key] = v.reshape(template[key])
+                break
+        else:
+            raise KeyError(f"no Flax parameter for {key}")
+    return out

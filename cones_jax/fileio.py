@@ -1,0 +1,147 @@
+"""Safetensors reading and writing, and atomic file output.
+
+The reader is our own (the format is an 8-byte length, a JSON header and raw little-endian
+bytes) so that bf16 tensors come back as numpy arrays (via ml_dtypes, which jax ships) and a
+truncated or corrupt file is reported in one line that names the file, before any tensor is used.
+Tensors are memory-mapped: reading a 3 GB checkpoint does not first copy it into RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is missing, malformed, or not supported (one-line message)."""
+
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """Returns (tensor entries, metadata, offset of the data section); validates sizes."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); re-save or re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: truncated or not a safetensors file (header claims {n} bytes, file has {size});"
+                " re-save or re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-save or re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header; re-save or re-download it")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    end = 0
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r}; re-save or re-download it") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if stop - begin != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} size does not match its shape {shape}; the file is corrupt")
+        end = max(end, stop)
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path}: truncated (tensors need {data_start + end} bytes, file has {size}); re-save or re-download it")
+    return header, metadata, data_start
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-maps every tensor of a safetensors file. Returns (name -> array view, metadata)."""
+    header, metadata, data_start = read_header(path)
+    tensors = {}
+    if header:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        for name, entry in header.items():
+            begin, stop = entry["data_offsets"]
+            buf = mm[data_start + begin: data_start + stop]
+            tensors[name] = buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors, metadata
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Opens a temporary file beside `path`; renames it onto `path` only if the block succeeds.
+
+    A crash, an exception or a full disk leaves `path` untouched and no temporary file behind.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Writes tensors (and string metadata) to `path` atomically, in the standard safetensors layout."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        if arr.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
+    with atomic_output(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in arrays:
+            f.write(arr.tobytes())
+
+
+def refuse_pickle(path: str | os.PathLike, allow_pickle: bool, alternative: str) -> None:
+    """Pickle files can run arbitrary code when loaded: only with an explicit opt-in."""
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{os.fspath(path)} is a pickle file, which can run arbitrary code when loaded; "
+            f"use {alternative} instead, or pass allow_pickle=True (--allow-pickle) if you trust it")

@@ -1,0 +1,85 @@
+"""Local diffusers folder -> Flax modules, params, tokenizer and scheduler config.
+
+Nothing here downloads anything: the caller names a folder in diffusers layout
+(`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+
+from cones_jax import convert
+from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle
+
+_SAFETENSORS_NAMES = ("diffusion_pytorch_model", "model")
+_PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "model.ckpt")
+
+
+def read_config(component_dir: str) -> dict:
+    path = os.path.join(component_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{component_dir}: no config.json; is this a diffusers model folder component?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_weights_file(component_dir: str, variant: str | None = None, allow_pickle: bool = False) -> str:
+    """The component's safetensors file: `<name>.safetensors`, or `<name>.<variant>.safetensors`.
+
+    With no variant asked for, a lone `.fp16` variant is used when it is the only file present.
+    """
+    candidates = []
+    for name in _SAFETENSORS_NAMES:
+        if variant:
+            candidates.append(f"{name}.{variant}.safetensors")
+        candidates.append(f"{name}.safetensors")
+        if not variant:
+            candidates.append(f"{name}.fp16.safetensors")
+    for c in candidates:
+        path = os.path.join(component_dir, c)
+        if os.path.isfile(path):
+            return path
+    if glob.glob(os.path.join(component_dir, "*.safetensors.index.json")):
+        raise CheckpointError(f"{component_dir}: sharded safetensors checkpoints are not supported; "
+                              "re-save the component with max_shard_size large enough for one file")
+    for p in _PICKLE_NAMES:
+        path = os.path.join(component_dir, p)
+        if os.path.isfile(path):
+            refuse_pickle(path, allow_pickle,
+                          "a .safetensors export (diffusers: save_pretrained(..., safe_serialization=True))")
+            raise CheckpointError(f"{path}: pickle checkpoints are not loaded by cones_jax even when allowed; "
+                                  "convert it to safetensors with PyTorch first")
+    raise CheckpointError(f"{component_dir}: no weights file (expected one of {', '.join(candidates)})")
+
+
+def load_params(
+    component_dir: str,
+    target: Mapping,
+    *,
+    rename: Callable[[str], str | None] = lambda k: k,
+    dtype=None,
+    variant: str | None = None,
+    component: str | None = None,
+) -> dict:
+    """Reads a component's safetensors weights into a params tree shaped like `target`.
+
+    `target` is the tree of `jax.ShapeDtypeStruct` from `jax.eval_shape(module.init, ...)["params"]`.
+    Tensors are memory-mapped and converted one at a time, so host memory holds at most the
+    finished params plus one tensor in flight (about one copy of the weights, plus the page cache).
+    """
+    path = find_weights_file(component_dir, variant)
+    state, _ = load_safetensors(path)
+    return convert.convert_state_dict(
+        state, target, rename=rename, dtype=dtype,
+        component=component or os.path.basename(os.path.normpath(component_dir)),
+        put=lambda x: jax.device_put(np.asarray(x)),
+    )
