@@ -1,0 +1,319 @@
+"""Side-by-side speed and agreement benchmark: our Flax UNet against diffusers' PyTorch UNet.
+
+    python -m cones_jax.bench unet --config sd21-base --batch 2 --dtype fp32 --iters 3
+
+Both networks run the SAME random weights: the diffusers model is built (seed 0) and its state
+dict is converted into our params with `cones_jax.convert.convert_state_dict`. Our forward is
+`jax.jit(module.apply)` compiled ahead of time (compile seconds are reported apart); the timed
+calls of the two frameworks are interleaved (jax, torch, jax, torch, ...) so that load from other
+processes on the machine hits both alike and the ratio stays meaningful even when the absolute
+seconds are noisy.
+
+Needs torch and diffusers (the `test` extra) unless run with `--no-torch`, in which case our
+UNet gets random params of its own and no agreement check is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DOWN3 = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_UP3 = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+
+# diffusers `UNet2DConditionModel(**config)` keyword dicts (the architecture keys of each model's
+# unet/config.json; everything else is diffusers' default).
+UNET_CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[2, 4],
+        cross_attention_dim=32, norm_num_groups=8, use_linear_projection=True),
+    "sd15": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=[320, 640, 1280, 1280], down_block_types=_DOWN3, up_block_types=_UP3,
+        attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+        downsample_padding=1),
+    "sd21-base": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=[320, 640, 1280, 1280], down_block_types=_DOWN3, up_block_types=_UP3,
+        attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1),
+    "sd21": dict(
+        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=[320, 640, 1280, 1280], down_block_types=_DOWN3, up_block_types=_UP3,
+        attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+        upcast_attention=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1),
+}
+
+_JAX_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+CONTEXT_LEN = 77
+# Pause before each timed call. On a small CPU, the worker threads of the framework that just ran
+# keep spinning briefly and the other framework's OpenMP barriers then stall on them (seen as 20x
+# slower torch calls on the tiny config); a short sleep lets them park.
+_SETTLE_S = 0.5
+
+RESULT_KEYS = (
+    "command", "date", "jax_version", "torch_version", "config", "batch", "latent", "dtype", "torch_dtype",
+    "torch_dtype_note", "device", "host", "torch_threads", "params", "iters", "warmup", "jax_compile_s",
+    "jax_times_s", "jax_median_s", "torch_times_s", "torch_median_s", "ratio_torch_over_jax", "max_abs_diff",
+    "max_abs_ref", "rel_diff")
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _host_description() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
+def _device_description() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}/{d.device_kind} x{jax.device_count()}"
+
+
+def _torch_dtype_for(dtype: str, torch_device: str):
+    """The torch dtype used for `dtype`, and a note when it differs from what was asked."""
+    import torch
+
+    if dtype == "fp32":
+        return torch.float32, ""
+    if dtype == "bf16":
+        return torch.bfloat16, ""
+    if torch_device == "cpu":  # fp16 kernels on CPU are slow fallbacks; not a fair reference
+        return torch.float32, "fp16 asked, but torch on CPU has no sensible fp16 path: torch ran fp32"
+    return torch.float16, ""
+
+
+def _format_table(rows: Sequence[tuple[str, str]]) -> str:
+    kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    line = "+" + "-" * (kw + 2) + "+" + "-" * (vw + 2) + "+"
+    out = [line]
+    for k, v in rows:
+        out.append(f"| {k.ljust(kw)} | {v.ljust(vw)} |")
+    out.append(line)
+    return "\n".join(out)
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def run_unet(args: argparse.Namespace, command: str) -> dict:
+    from cones_jax import convert
+    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    config = dict(UNET_CONFIGS[args.config])
+    latent = args.latent or config["sample_size"]
+    jdtype = _JAX_DTYPES[args.dtype]
+    cfg = UNetConfig.from_dict(config)
+    module = UNet2DConditionModel(cfg, dtype=jdtype)
+    shapes = module.param_shapes()
+    if args.dtype != "fp32":  # params stored in the compute dtype, as a half-precision checkpoint would load
+        shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jdtype), shapes)
+
+    result: dict = {k: None for k in RESULT_KEYS}
+    result.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  jax_version=jax.__version__, config=args.config, batch=args.batch, latent=latent,
+                  dtype=args.dtype, device=_device_description(), host=_host_description(), iters=args.iters,
+                  warmup=args.warmup, torch_dtype_note="")
+
+    # ---- inputs (host numpy, shared by both frameworks)
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((args.batch, latent, latent, cfg.in_channels), dtype=np.float32)
+    t_np = rng.uniform(0, 1000, size=(args.batch,)).astype(np.float32)
+    c_np = rng.standard_normal((args.batch, CONTEXT_LEN, cfg.cross_attention_dim), dtype=np.float32)
+
+    # ---- weights: diffusers' random init, converted tensor by tensor into our params
+    torch_model = torch_run = None
+    if args.torch:
+        import diffusers
+        import torch
+
+        result["torch_version"] = torch.__version__
+        threads = args.threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        result["torch_threads"] = threads
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        tdtype, note = _torch_dtype_for(args.dtype, torch_device)
+        result["torch_dtype"] = str(tdtype).replace("torch.", "")
+        result["torch_dtype_note"] = note
+        if note:
+            _log(note)
+        _log(f"building diffusers UNet2DConditionModel ({args.config}, seed 0, fp32)")
+        torch.manual_seed(0)
+        torch_model = diffusers.UNet2DConditionModel(**config).eval()
+        result["params"] = int(sum(p.numel() for p in torch_model.parameters()))
+        # fp32 tensors -> zero-copy numpy views; each converted array is handed to jax at once
+        state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+        _log(f"converting {len(state)} tensors ({result['params'] / 1e6:.1f} M params) to Flax params")
+        params = convert.convert_state_dict(state, shapes, dtype=None if args.dtype == "fp32" else jdtype,
+                                            component="unet", put=jax.device_put)
+        del state
+        if tdtype != torch.float32:
+            torch_model = torch_model.to(dtype=tdtype)
+        torch_model = torch_model.to(torch_device)
+        gc.collect()
+
+        x_t = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2))).to(torch_device, tdtype)
+        t_t = torch.from_numpy(t_np).to(torch_device)
+        c_t = torch.from_numpy(c_np).to(torch_device, tdtype)
+
+        def torch_run():
+            with torch.inference_mode():
+                out = torch_model(x_t, t_t, encoder_hidden_states=c_t, return_dict=False)[0]
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
+            return out
+    else:
+        _log("--no-torch: random params of our own (no agreement check)")
+        params = jax.jit(lambda k: jax.tree_util.tree_map(
+            lambda s: (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype), shapes))(
+                jax.random.PRNGKey(0))
+        result["params"] = int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
+
+    # ---- our forward, compiled ahead of time
+    x_j, t_j, c_j = jax.device_put(x_np), jax.device_put(t_np), jax.device_put(c_np)
+    _log(f"compiling jax forward (batch {args.batch}, latent {latent}x{latent}, {args.dtype}) on {result['device']}")
+    t0 = time.perf_counter()
+    compiled = jax.jit(module.apply).lower({"params": params}, x_j, t_j, c_j).compile()
+    result["jax_compile_s"] = time.perf_counter() - t0
+    _log(f"compiled in {result['jax_compile_s']:.1f} s")
+
+    def jax_run():
+        return compiled({"params": params}, x_j, t_j, c_j).block_until_ready()
+
+    def timed(fn):
+        time.sleep(_SETTLE_S)
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    # ---- warmup, then interleaved timed calls
+    out_j = out_t = None
+    for i in range(args.warmup):
+        _log(f"warmup {i + 1}/{args.warmup}")
+        out_j = jax_run()
+        if torch_run is not None:
+            out_t = torch_run()
+    jax_times, torch_times = [], []
+    for i in range(args.iters):
+        out_j, dt = timed(jax_run)
+        jax_times.append(dt)
+        msg = f"iter {i + 1}/{args.iters}: jax {jax_times[-1]:.3f} s"
+        if torch_run is not None:
+            out_t, dt = timed(torch_run)
+            torch_times.append(dt)
+            msg += f", torch {torch_times[-1]:.3f} s"
+        _log(msg)
+    if out_j is None:
+        out_j = jax_run()
+    result["jax_times_s"] = jax_times
+    result["jax_median_s"] = statistics.median(jax_times) if jax_times else None
+
+    if torch_run is not None:
+        if out_t is None:
+            out_t = torch_run()
+        result["torch_times_s"] = torch_times
+        result["torch_median_s"] = statistics.median(torch_times) if torch_times else None
+        if result["jax_median_s"] and result["torch_median_s"]:
+            result["ratio_torch_over_jax"] = result["torch_median_s"] / result["jax_median_s"]
+        ref = out_t.float().cpu().numpy().transpose(0, 2, 3, 1)
+        ours = np.asarray(out_j, dtype=np.float32)
+        result["max_abs_diff"] = float(np.max(np.abs(ours - ref)))
+        result["max_abs_ref"] = float(np.max(np.abs(ref)))
+        result["rel_diff"] = result["max_abs_diff"] / max(result["max_abs_ref"], 1e-30)
+        _log(f"agreement: max |ours - diffusers| = {result['max_abs_diff']:.3e}, "
+             f"max |diffusers| = {result['max_abs_ref']:.3e}, relative {result['rel_diff']:.3e}")
+        del torch_model, torch_run, out_t
+
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        _log(f"profiling one jax forward into {args.profile} (open with TensorBoard/XProf or Perfetto)")
+        with jax.profiler.trace(args.profile):
+            jax_run()
+    del compiled, params
+    gc.collect()
+    return result
+
+
+def summary_table(r: dict) -> str:
+    tdt = "n/a" if r["torch_dtype"] is None else r["torch_dtype"] + (" (see note)" if r["torch_dtype_note"] else "")
+    rows = [
+        ("config", r["config"]), ("batch", str(r["batch"])), ("latent", f"{r['latent']}x{r['latent']}"),
+        ("dtype (jax / torch)", f"{r['dtype']} / {tdt}"), ("device", r["device"]), ("host", r["host"]),
+        ("params", f"{r['params'] / 1e6:.1f} M"), ("torch threads", str(r["torch_threads"] or "n/a")),
+        ("jax compile s", _fmt(r["jax_compile_s"], ".1f")),
+        ("jax median s/forward", _fmt(r["jax_median_s"], ".3f")),
+        ("torch median s/forward", _fmt(r["torch_median_s"], ".3f")),
+        ("ratio torch/jax (>1: jax faster)", _fmt(r["ratio_torch_over_jax"], ".2f")),
+        ("max abs diff (rel. to max|ref|)",
+         "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e} ({r['rel_diff']:.2e})"),
+        ("iters / warmup", f"{r['iters']} / {r['warmup']}"),
+    ]
+    head = [f"command: {r['command']}", f"date: {r['date']}",
+            f"jax {r['jax_version']}, torch {r['torch_version'] or 'n/a'}"]
+    if r["torch_dtype_note"]:
+        head.append(f"note: {r['torch_dtype_note']}")
+    return "\n".join(head) + "\n" + _format_table(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cones_jax.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("unet", help="time our Flax UNet forward against diffusers' PyTorch one")
+    u.add_argument("--config", choices=sorted(UNET_CONFIGS), default="sd21-base")
+    u.add_argument("--batch", type=int, default=2)
+    u.add_argument("--latent", type=int, default=None, help="latent side (default: the config's sample_size)")
+    u.add_argument("--dtype", choices=sorted(_JAX_DTYPES), default="fp32")
+    u.add_argument("--iters", type=int, default=3)
+    u.add_argument("--warmup", type=int, default=1)
+    u.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run diffusers' PyTorch UNet on the same weights (default on)")
+    u.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    u.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    u.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, record one jax forward with jax.profiler into DIR")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.batch < 1:
+        raise SystemExit("--iters must be >= 1, --warmup >= 0, --batch >= 1")
+    command = shlex.join(["python", "-m", "cones_jax.bench", *argv])
+    print(f"command: {command}", flush=True)
+    result = run_unet(args, command)
+    print(summary_table(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        _log(f"results written to {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

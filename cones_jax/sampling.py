@@ -1,0 +1,130 @@
+"""The sampler: one jitted pure function from token ids, noise and guidance arrays to images.
+
+Text encoding, classifier-free guidance (one UNet batch of 2B: unconditional half first),
+the scheduler loop (`lax.fori_loop`), optional self-recurrence, the cross-attention bias and the
+VAE decode all run inside one `jax.jit`. Everything that changes between calls at the same
+shapes (prompts, residuals, layouts, guidance weights, schedules, seeds) is an array argument,
+so a new prompt or layout never recompiles. `debug=True` runs the same loop in Python, eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from cones_jax import schedulers
+from cones_jax.models.vae import unscale_latents
+
+Array = jax.Array
+
+# (scores S [2B, H, Q, K] fp32, (h, w), step index i, guidance pytree) -> additive bias
+StepBiasFn = Callable[[Array, tuple[int, int], Array, Any], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """What is fixed for one compiled sampler (changing it recompiles)."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    self_recurrence: bool = False  # Cones 2 official: redo each guided step once after re-noising
+    decode: bool = True
+    sow_attention: bool = False  # also return head-averaged cross-attention maps of the last step
+
+
+@flax.struct.dataclass
+class SampleInputs:
+    """Traced inputs of one sampler call; B is the number of images."""
+
+    prompt_ids: Array  # [B, L] int32
+    negative_ids: Array  # [B, L] int32
+    token_residuals: Array  # [B, L, E] added to the conditional text embeddings (Cones 2, Eq. 6)
+    noise: Array  # [B, h, w, C] unit Gaussian
+    cfg_scale: Array  # [] classifier-free guidance weight
+    rng: Array  # PRNG key for the noise of self-recurrence
+    guidance: Any = None  # pytree handed to the bias function (None: no layout guidance)
+    guided_steps: Array = None  # [] int: steps [0, guided_steps) get the bias and self-recurrence
+
+
+def encode_text(text_module, text_params, ids_BxL: Array) -> Array:
+    return text_module.apply({"params": text_params}, ids_BxL)["last_hidden_state"]
+
+
+def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *, debug: bool = False):
+    """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
+
+    `sd` is a `cones_jax.weights.StableDiffusion`; `params` its params dict. With `debug`, the
+    function is not jitted and the step loop is a Python loop.
+    """
+    unet, vae, text = sd.unet, sd.vae, sd.text_encoder
+
+    def denoise(params, schedule, context_2BxLxE, x, i, inputs):
+        """CFG-combined model output at step i (the unconditional half gets no bias)."""
+        x_in = schedulers.scale_model_input(schedule, x, i)
+        x_2B = jnp.concatenate([x_in, x_in], axis=0)
+        t = jnp.broadcast_to(schedule.timesteps[i], (x_2B.shape[0],))
+        hook = None
+        if bias_fn is not None and inputs.guidance is not None:
+            hook = lambda s, hw: bias_fn(s, hw, i, inputs.guidance)
+        out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
+                         sow_attention=spec.sow_attention, mutable=["intermediates"] if spec.sow_attention else False)
+        if spec.sow_attention:
+            out, inter = out
+        else:
+            inter = None
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        return uncond + inputs.cfg_scale * (cond - uncond), inter
+
+    def sample(params, schedule: schedulers.Schedule, inputs: SampleInputs):
+        cond = encode_text(text, params["text_encoder"], inputs.prompt_ids) + inputs.token_residuals
+        uncond = encode_text(text, params["text_encoder"], inputs.negative_ids)
+        context = jnp.concatenate([uncond, cond.astype(uncond.dtype)], axis=0)
+        x = inputs.noise.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
+        state = schedulers.init_state(schedule, x)
+        guided = inputs.guided_steps if inputs.guided_steps is not None else jnp.zeros((), jnp.int32)
+
+        def one_step(i, carry):
+            # Cones 2 official self-recurrence: a guided step is taken, taken back to level i with
+            # fresh noise, and taken again; unguided steps run once.
+            reps = (1 + (i < guided).astype(jnp.int32)) if spec.self_recurrence else 1
+
+            def inner(k, c):
+                x, state, _ = c
+                eps, inter = denoise(params, schedule, context, x, i, inputs)
+                x_next, new_state = schedulers.step(schedule, state, eps, i, x)
+                if spec.self_recurrence:
+                    noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(inputs.rng, i), k), x.shape)
+                    again = k < reps - 1
+                    x_next = jnp.where(again, schedulers.renoise(schedule, x_next, i, noise), x_next)
+                    # a redone step must not advance the multistep memory twice
+                    new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(again, a, b), state, new_state)
+                return x_next, new_state, inter
+
+            if not spec.self_recurrence:
+                return inner(0, carry)
+            return loop(0, reps, inner, carry)
+
+        carry0 = (x, state, None)
+        if spec.sow_attention:
+            carry0 = (x, state, jax.eval_shape(lambda: denoise(params, schedule, context, x, 0, inputs)[1]))
+            carry0 = (x, state, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), carry0[2]))
+        x, _, inter = loop(0, schedule.timesteps.shape[0], one_step, carry0)
+        if not spec.decode:
+            return x if not spec.sow_attention else (x, inter)
+        images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, x), method=vae.decode)
+        images = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        return images if not spec.sow_attention else (images, inter)
+
+    if debug:
+        def loop(lo, hi, body, carry):
+            for i in range(lo, int(hi)):
+                carry = body(i, carry)
+            return carry
+        return sample
+
+    loop = jax.lax.fori_loop
+    return jax.jit(sample)

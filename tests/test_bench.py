@@ -1,0 +1,34 @@
+"""The benchmark runs end to end on the tiny config, and our UNet matches diffusers on the same weights."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from cones_jax import bench  # noqa: E402
+
+
+def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    result = bench.main(["unet", "--config", "tiny", "--iters", "1", "--warmup", "0", "--threads", "1",
+                         "--json", str(out_json)])
+
+    assert set(bench.RESULT_KEYS) <= set(result)
+    assert result["config"] == "tiny" and result["batch"] == 2 and result["latent"] == 16
+    assert result["dtype"] == "fp32" and result["torch_dtype"] == "float32"
+    assert result["params"] > 0
+    assert result["jax_compile_s"] > 0
+    assert len(result["jax_times_s"]) == 1 and len(result["torch_times_s"]) == 1
+    assert result["jax_median_s"] > 0 and result["torch_median_s"] > 0
+    assert result["ratio_torch_over_jax"] == pytest.approx(result["torch_median_s"] / result["jax_median_s"])
+    # same weights, same inputs: fp32 outputs agree to well under 1e-4 of the output scale
+    assert result["max_abs_ref"] > 0
+    assert result["rel_diff"] < 1e-4, result
+
+    printed = capsys.readouterr().out
+    assert "ratio torch/jax" in printed and "max abs diff" in printed
+    assert "python -m cones_jax.bench unet --config tiny" in printed
+
+    assert json.loads(out_json.read_text())["rel_diff"] == pytest.approx(result["rel_diff"])
