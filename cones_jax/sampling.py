@@ -21,6 +21,16 @@ from cones_jax.models.vae import unscale_latents
 
 Array = jax.Array
 
+# Host-side progress reporting: `progress_hook["fn"](step)` is called after every sampler step
+# when the spec asks for it (e.g. a tqdm bar's update); None means nobody is listening.
+progress_hook: dict = {"fn": None}
+
+
+def _report_step(i):
+    fn = progress_hook["fn"]
+    if fn is not None:
+        fn(int(i))
+
 # (scores S [2B, H, Q, K] fp32, (h, w), step index i, guidance pytree) -> additive bias
 StepBiasFn = Callable[[Array, tuple[int, int], Array, Any], Array]
 
@@ -33,7 +43,8 @@ class SamplerSpec:
     steps: int = 50
     self_recurrence: bool = False  # Cones 2 official: redo each guided step once after re-noising
     decode: bool = True
-    sow_attention: bool = False  # also return head-averaged cross-attention maps of the last step
+    sow_attention: bool = False  # also return cross-attention maps summed over all UNet calls
+    progress: bool = False  # report each finished step to `progress_hook` (a host callback)
 
 
 @flax.struct.dataclass
@@ -63,21 +74,27 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
     unet, vae, text = sd.unet, sd.vae, sd.text_encoder
 
     def denoise(params, schedule, context_2BxLxE, x, i, inputs):
-        """CFG-combined model output at step i (the unconditional half gets no bias)."""
+        """CFG-combined model output at step i, and the sown attention maps (or None).
+
+        On guided steps the cross-attention bias is on (the unconditional half gets none); the
+        other steps take the fused attention path. `lax.cond` runs only the branch needed.
+        """
         x_in = schedulers.scale_model_input(schedule, x, i)
         x_2B = jnp.concatenate([x_in, x_in], axis=0)
         t = jnp.broadcast_to(schedule.timesteps[i], (x_2B.shape[0],))
-        hook = None
-        if bias_fn is not None and inputs.guidance is not None:
-            hook = lambda s, hw: bias_fn(s, hw, i, inputs.guidance)
-        out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
-                         sow_attention=spec.sow_attention, mutable=["intermediates"] if spec.sow_attention else False)
-        if spec.sow_attention:
-            out, inter = out
-        else:
-            inter = None
-        uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
-        return uncond + inputs.cfg_scale * (cond - uncond), inter
+
+        def run(hook):
+            out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
+                             sow_attention=spec.sow_attention,
+                             mutable=["intermediates"] if spec.sow_attention else False)
+            out, inter = out if spec.sow_attention else (out, None)
+            uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+            return uncond + inputs.cfg_scale * (cond - uncond), inter
+
+        if bias_fn is None or inputs.guidance is None:
+            return run(None)
+        hook = lambda s, hw: bias_fn(s, hw, i, inputs.guidance)
+        return jax.lax.cond(i < inputs.guided_steps, lambda: run(hook), lambda: run(None))
 
     def sample(params, schedule: schedulers.Schedule, inputs: SampleInputs):
         cond = encode_text(text, params["text_encoder"], inputs.prompt_ids) + inputs.token_residuals
@@ -86,6 +103,7 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
         x = inputs.noise.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
         state = schedulers.init_state(schedule, x)
         guided = inputs.guided_steps if inputs.guided_steps is not None else jnp.zeros((), jnp.int32)
+        inputs = inputs.replace(guided_steps=guided)
 
         def one_step(i, carry):
             # Cones 2 official self-recurrence: a guided step is taken, taken back to level i with
@@ -93,7 +111,7 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
             reps = (1 + (i < guided).astype(jnp.int32)) if spec.self_recurrence else 1
 
             def inner(k, c):
-                x, state, _ = c
+                x, state, maps = c
                 eps, inter = denoise(params, schedule, context, x, i, inputs)
                 x_next, new_state = schedulers.step(schedule, state, eps, i, x)
                 if spec.self_recurrence:
@@ -102,22 +120,29 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
                     x_next = jnp.where(again, schedulers.renoise(schedule, x_next, i, noise), x_next)
                     # a redone step must not advance the multistep memory twice
                     new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(again, a, b), state, new_state)
-                return x_next, new_state, inter
+                if maps is not None:
+                    maps = jax.tree_util.tree_map(lambda m, a: m + a.astype(jnp.float32), maps, inter)
+                return x_next, new_state, maps
 
-            if not spec.self_recurrence:
-                return inner(0, carry)
-            return loop(0, reps, inner, carry)
+            out = inner(0, carry) if not spec.self_recurrence else loop(0, reps, inner, carry)
+            if spec.progress:
+                jax.debug.callback(_report_step, i)
+            return out
 
-        carry0 = (x, state, None)
+        maps0 = None
         if spec.sow_attention:
-            carry0 = (x, state, jax.eval_shape(lambda: denoise(params, schedule, context, x, 0, inputs)[1]))
-            carry0 = (x, state, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), carry0[2]))
-        x, _, inter = loop(0, schedule.timesteps.shape[0], one_step, carry0)
-        if not spec.decode:
-            return x if not spec.sow_attention else (x, inter)
-        images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, x), method=vae.decode)
-        images = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-        return images if not spec.sow_attention else (images, inter)
+            shapes = jax.eval_shape(lambda: denoise(params, schedule, context, x, 0, inputs)[1])
+            maps0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
+        x, _, maps = loop(0, schedule.timesteps.shape[0], one_step, (x, state, maps0))
+        out = x
+        if spec.decode:
+            images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, x), method=vae.decode)
+            out = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        if spec.sow_attention:
+            # cross-attention maps summed over every UNet call, conditional half only
+            b = x.shape[0]
+            return out, jax.tree_util.tree_map(lambda m: m[b:], maps)
+        return out
 
     if debug:
         def loop(lo, hi, body, carry):

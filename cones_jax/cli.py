@@ -1,0 +1,31 @@
+"""Shared command-line behaviour: bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+BAD_INPUT_EXIT = 2
+
+
+def bad_input_errors() -> tuple[type, ...]:
+    from cones_jax.artifacts import ArtifactError
+    from cones_jax.fileio import CheckpointError
+    from cones_jax.generate import GenerateError
+    from cones_jax.layout import LayoutError
+    return (ArtifactError, CheckpointError, GenerateError, LayoutError, FileNotFoundError, ValueError)
+
+
+def run_cli(job: Callable[[], None]) -> int:
+    """Runs `job`; a bad-input exception becomes `error: <message>` and exit code 2."""
+    errors = bad_input_errors()
+    try:
+        job()
+    except errors as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return BAD_INPUT_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,337 @@
+"""Layout-guided multi-subject generation (Cones 2 inference): what `sample.py` does, importable.
+
+    from cones_jax.generate import generate
+    paths = generate("examples/layouts/two_subjects.json", model="/models/sd21-base",
+                     out_dir="outputs", seeds=[0, 1, 2, 3], preset="official")
+
+Steps: layout file -> token positions and residual rows (Eq. 6) -> per-resolution γ maps ->
+one jitted sampler (Eq. 7 inside every cross-attention) over batches of seeds sharded across all
+local devices -> PNGs written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from cones_jax import artifacts, guidance, layout as layout_lib, sampling, schedulers
+from cones_jax.config import load_config
+from cones_jax.fileio import atomic_output
+
+DEFAULT_MODEL_ENV = "CONES_JAX_MODEL"
+
+
+class GenerateError(ValueError):
+    """Bad input to `generate` (one-line message; `sample.py` exits with code 2)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything about one layout that the sampler takes as arrays (for a batch of one image)."""
+
+    prompt_ids: np.ndarray  # [L]
+    negative_ids: np.ndarray  # [L]
+    residual_rows: np.ndarray  # [L, E]
+    maps: dict  # "{h}x{w}" -> [h*w, L]
+    masks: np.ndarray  # [S, H, W] region of each subject at image resolution
+    positions: list  # per subject: list of occurrences (lists of token positions)
+    height: int
+    width: int
+
+
+def default_model() -> str:
+    model = os.environ.get(DEFAULT_MODEL_ENV)
+    if model:
+        return model
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    demo = os.path.join(here, "examples", "demo_model")
+    if os.path.isfile(os.path.join(demo, "model_index.json")):
+        return demo
+    raise GenerateError("no --model given and no bundled demo model found; pass --model a local Stable "
+                        f"Diffusion folder in diffusers layout (or set {DEFAULT_MODEL_ENV})")
+
+
+def cross_attention_resolutions(sd, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
+    n = len(sd.unet.config.block_out_channels)
+    return [(latent_h // 2 ** k, latent_w // 2 ** k) for k in range(n)]
+
+
+def prepare_layout(sd, lay, cfg: dict, *, height: int | None = None, width: int | None = None,
+                   negative_prompt: str | None = None, allow_pickle: bool = False) -> Prepared:
+    """Layout -> token ids, residual rows (Cones 2, Eq. 6) and per-resolution γ maps."""
+    tok = sd.tokenizer
+    ids = tok.encode([lay.prompt])[0]
+    flat_positions = layout_lib.subject_positions(lay, tok, ids)  # checks length, words, official indices
+    factor = sd.latent_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if height is None or width is None:
+        if lay.size is not None:
+            height, width = lay.size
+        else:
+            height = width = sd.unet.config.sample_size * sd.latent_factor
+    if height % factor or width % factor:
+        raise GenerateError(f"image size {height}x{width} must be a multiple of {factor} for this model")
+    neg = negative_prompt if negative_prompt is not None else lay.negative_prompt
+    neg_ids = tok.encode([neg or ""])[0]
+    dim = sd.text_encoder.config.hidden_size
+    positions, placements = [], []
+    for s, subject in enumerate(lay.subjects):
+        occ = layout_lib.token_occurrences(tok, ids, subject.word)
+        positions.append(occ)
+        if subject.residual:
+            try:
+                res = artifacts.load_residual(subject.residual, word=subject.word, dim=dim,
+                                              text_encoder=sd.text_encoder_fingerprint, allow_pickle=allow_pickle)
+            except (artifacts.ArtifactError, ValueError) as e:
+                raise GenerateError(f"{lay.field(s)}.residual: {e}") from None
+            placements.append((occ, res.delta))
+    rows = guidance.residual_rows(len(ids), dim, placements)
+    masks = layout_lib.region_masks(lay, height, width)
+    weight_negative = lay.weight_negative if lay.weight_negative is not None else cfg["weight_negative"]
+    gammas = layout_lib.gamma_maps(lay, masks, weight_negative)
+    lat_h, lat_w = height // sd.latent_factor, width // sd.latent_factor
+    maps = layout_lib.attention_maps(gammas, flat_positions, len(ids), cross_attention_resolutions(sd, lat_h, lat_w))
+    return Prepared(ids, neg_ids, rows, maps, masks, positions, height, width)
+
+
+def guidance_sigmas(cfg: dict, schedule: schedulers.Schedule, guidance_steps: int) -> np.ndarray:
+    """σ_t for η(t) at each sampling step (zeros past the guided steps)."""
+    n = schedule.num_steps
+    out = np.zeros((n,), np.float32)
+    g = min(guidance_steps, n)
+    if g <= 0:
+        return out
+    if cfg["guidance_sigmas"] == "separate":
+        # The official code reads σ from a fresh scaled-linear LMS schedule of guidance_steps steps.
+        sep = schedulers.make_schedule("euler", schedulers.SchedulerConfig(timestep_spacing="linspace",
+                                                                           steps_offset=0), g)
+        out[:g] = np.asarray(sep.sigmas[:g])
+    else:
+        out[:g] = np.asarray(schedule.sigmas[:g])
+    return out
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
+def build_inputs(sd, prepared: Sequence[Prepared], noise: np.ndarray, cfg: dict, rng, *, guided: bool
+                 ) -> sampling.SampleInputs:
+    """Stacks per-image arrays into one batch of sampler inputs."""
+    b = len(prepared)
+    g = None
+    if guided:
+        maps = {k: jnp.asarray(np.stack([p.maps[k] for p in prepared])) for k in prepared[0].maps}
+        g = guidance.LayoutGuidance(maps=maps, weight=jnp.full((b,), cfg["guidance_weight"], jnp.float32),
+                                    sigmas=jnp.asarray(cfg["_sigmas"]))
+    return sampling.SampleInputs(
+        prompt_ids=jnp.asarray(np.stack([p.prompt_ids for p in prepared]), jnp.int32),
+        negative_ids=jnp.asarray(np.stack([p.negative_ids for p in prepared]), jnp.int32),
+        token_residuals=jnp.asarray(np.stack([p.residual_rows for p in prepared])),
+        noise=jnp.asarray(noise), cfg_scale=jnp.float32(cfg["cfg_scale"]), rng=rng,
+        guidance=g, guided_steps=jnp.int32(cfg["guidance_steps"] if guided else 0))
+
+
+def shard_batch(inputs: sampling.SampleInputs, mesh: Mesh) -> sampling.SampleInputs:
+    """Per-image arrays split over the mesh's data axis; scalars, keys and schedules replicated."""
+    data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    put = lambda x, s: jax.device_put(x, s)
+    g = inputs.guidance
+    if g is not None:
+        g = g.replace(maps={k: put(v, data) for k, v in g.maps.items()}, weight=put(g.weight, data),
+                      sigmas=put(g.sigmas, rep))
+    return inputs.replace(
+        prompt_ids=put(inputs.prompt_ids, data), negative_ids=put(inputs.negative_ids, data),
+        token_residuals=put(inputs.token_residuals, data), noise=put(inputs.noise, data),
+        cfg_scale=put(inputs.cfg_scale, rep), rng=put(inputs.rng, rep), guidance=g,
+        guided_steps=put(inputs.guided_steps, rep))
+
+
+def make_schedule(sd, cfg: dict) -> schedulers.Schedule:
+    sched_cfg = sd.scheduler
+    if cfg.get("timestep_spacing"):
+        sched_cfg = dataclasses.replace(sched_cfg, timestep_spacing=cfg["timestep_spacing"])
+    return schedulers.make_schedule(cfg["scheduler"], sched_cfg, cfg["steps"])
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-seed noise, independent of batch composition: the same seed gives the same image."""
+    return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def save_png(path: str, image: Image.Image) -> None:
+    with atomic_output(path) as f:
+        image.save(f, format="PNG")
+
+
+def image_grid(images: Sequence[np.ndarray]) -> Image.Image:
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    h, w = images[0].shape[:2]
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return Image.fromarray(grid)
+
+
+def subject_heatmaps(maps_tree, positions, height: int, width: int) -> np.ndarray:
+    """Per-subject cross-attention heat maps [S, H, W] in [0, 1] from the sown attention sums.
+
+    Each layer's map [Q, K] (summed over steps, head-averaged) is reshaped to its grid, the
+    columns of the subject's tokens are summed, layers are resized to the image and averaged.
+    """
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(maps_tree)]
+    out = np.zeros((len(positions), height, width), np.float32)
+    for leaf in leaves:  # [Q, K] for one image
+        q = leaf.shape[0]
+        scale = int(round(np.sqrt(height * width / q)))
+        gh, gw = height // scale, width // scale
+        for s, occ in enumerate(positions):
+            cols = [p for o in occ for p in o]
+            m = leaf[:, cols].sum(-1).reshape(gh, gw)
+            out[s] += np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.BILINEAR))
+    out -= out.min(axis=(1, 2), keepdims=True)
+    out /= np.maximum(out.max(axis=(1, 2), keepdims=True), 1e-12)
+    return out
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """The image darkened, with the heat map in red-yellow on top."""
+    colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], -1) * 255.0
+    alpha = (0.75 * heat)[..., None]
+    mixed = image.astype(np.float32) * 0.5 * (1 - alpha) + colour * alpha
+    return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
+
+
+def output_paths(out_dir: str, stem: str, seeds: Sequence[int], *, show_layout: bool, attention: bool,
+                 words: Sequence[str]) -> dict:
+    paths = {"images": [os.path.join(out_dir, f"{stem}_seed{s:04d}.png") for s in seeds],
+             "grid": os.path.join(out_dir, f"{stem}_grid.png"), "layout": [], "attention": []}
+    if show_layout:
+        paths["layout"] = [os.path.join(out_dir, f"{stem}_seed{s:04d}_layout.png") for s in seeds]
+    if attention:
+        safe = ["".join(ch if ch.isalnum() else "_" for ch in w) for w in words]
+        paths["attention"] = [[os.path.join(out_dir, f"{stem}_seed{s:04d}_attn_{k}_{w}.png")
+                               for k, w in enumerate(safe)] for s in seeds]
+    return paths
+
+
+def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outputs",
+             seeds: Sequence[int] = (0,), preset: str = "official", steps: int | None = None,
+             scheduler: str | None = None, cfg_scale: float | None = None, negative_prompt: str | None = None,
+             dtype: str = "fp32", batch: int | None = None, guidance: bool = True, show_layout: bool = False,
+             attention_maps: bool = False, overwrite: bool = False, allow_pickle: bool = False,
+             overrides: dict | None = None, sd=None, progress: bool = True, log=print) -> dict:
+    """Renders one image per seed for a layout file; returns the written paths.
+
+    Raises `GenerateError` / `cones_jax.layout.LayoutError` (one line each) before writing
+    anything when an input is bad or an output exists and `overwrite` is False.
+    """
+    from cones_jax.pipeline import load_pipeline
+
+    try:
+        cfg = load_config(preset, overrides)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    for key, value in (("steps", steps), ("scheduler", scheduler), ("cfg_scale", cfg_scale)):
+        if value is not None:
+            cfg[key] = value
+    if cfg["scheduler"] not in schedulers.KINDS:
+        raise GenerateError(f"--scheduler {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise GenerateError("--seeds must be a non-empty list of distinct integers")
+    lay = layout_lib.load_layout(layout_path)
+    for key in ("guidance_steps", "guidance_weight"):
+        if getattr(lay, key) is not None and not (overrides and key in overrides):
+            cfg[key] = getattr(lay, key)
+    stem = os.path.splitext(os.path.basename(layout_path))[0]
+    paths = output_paths(out_dir, stem, seeds, show_layout=show_layout, attention=attention_maps,
+                         words=[s.word for s in lay.subjects])
+    wanted = paths["images"] + [paths["grid"]] + paths["layout"] + [p for ps in paths["attention"] for p in ps]
+    existing = [p for p in wanted if os.path.exists(p)]
+    if existing and not overwrite:
+        raise GenerateError(f"{existing[0]} already exists ({len(existing)} output file(s) in all); "
+                            "pass --overwrite or choose another --out")
+
+    if sd is None:
+        sd = load_pipeline(model or default_model(), dtype)
+    prep = prepare_layout(sd, lay, cfg, negative_prompt=negative_prompt, allow_pickle=allow_pickle)
+    schedule = make_schedule(sd, cfg)
+    cfg["_sigmas"] = guidance_sigmas(cfg, schedule, cfg["guidance_steps"])
+
+    n_dev = len(jax.local_devices())
+    b = batch or min(len(seeds), n_dev)
+    mesh_size = max(d for d in range(1, n_dev + 1) if b % d == 0 and d <= n_dev)
+    mesh = Mesh(np.array(jax.local_devices()[:mesh_size]), ("data",))
+    spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
+                                self_recurrence=bool(cfg["self_recurrence"]) and guidance,
+                                sow_attention=attention_maps, progress=progress)
+    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guidance else None)
+    params = jax.device_put(sd.params, NamedSharding(mesh, P()))
+    lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
+    rng = jax.random.PRNGKey(seeds[0] + 1_000_003)
+
+    def batch_inputs(batch_seeds):
+        noise = np.stack([initial_noise(s, lat_shape) for s in batch_seeds])
+        inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, rng, guided=guidance)
+        return shard_batch(inputs, mesh)
+
+    padded = seeds + [seeds[-1]] * (-len(seeds) % b)
+    t0 = time.perf_counter()
+    compiled = sampler.lower(params, schedule, batch_inputs(padded[:b])).compile()
+    log(f"compiled the sampler in {time.perf_counter() - t0:.1f} s "
+        f"({cfg['scheduler']}, {cfg['steps']} steps, batch {b} over {mesh_size} device(s))")
+
+    results, heat = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg["steps"] * (len(padded) // b), desc="sampling", unit="step")
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, len(padded), b):
+            done = start // b * cfg["steps"]
+            if bar is not None:
+                sampling.progress_hook["fn"] = lambda i, done=done: bar.update(max(0, done + i + 1 - bar.n))
+            out = compiled(params, schedule, batch_inputs(padded[start:start + b]))
+            images, maps = out if attention_maps else (out, None)
+            images = np.asarray(images)
+            keep = min(b, len(seeds) - start)
+            results.extend(images[:keep])
+            if maps is not None:
+                for k in range(keep):
+                    heat.append(subject_heatmaps(jax.tree_util.tree_map(lambda m: m[k], maps), prep.positions,
+                                                 prep.height, prep.width))
+        elapsed = time.perf_counter() - t0
+    finally:
+        sampling.progress_hook["fn"] = None
+        if bar is not None:
+            bar.close()
+    log(f"sampled {len(seeds)} image(s) in {elapsed:.2f} s ({elapsed / len(padded):.3f} s per image)")
+
+    os.makedirs(out_dir, exist_ok=True)
+    pixels = [_to_uint8(img) for img in results]
+    for k, img in enumerate(pixels):
+        save_png(paths["images"][k], Image.fromarray(img))
+        if show_layout:
+            save_png(paths["layout"][k], layout_lib.draw_layout(Image.fromarray(img), lay, prep.masks))
+        if attention_maps:
+            for s, p in enumerate(paths["attention"][k]):
+                save_png(p, heatmap_overlay(img, heat[k][s]))
+    save_png(paths["grid"], image_grid(pixels))
+    paths["seconds_per_image"] = elapsed / len(padded)
+    return paths
