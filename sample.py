@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         paths = generate(args.layout, model=args.model, out_dir=args.out, seeds=args.seeds, preset=args.preset,
                          steps=args.steps, scheduler=args.scheduler, cfg_scale=args.cfg,
                          negative_prompt=args.negative_prompt, dtype=args.dtype, batch=args.batch,
-                         guidance=not args.no_guidance, show_layout=args.show_layout,
+                         guided=not args.no_guidance, show_layout=args.show_layout,
                          attention_maps=args.attention_maps, overwrite=args.overwrite,
                          allow_pickle=args.allow_pickle, overrides=overrides)
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")

@@ -232,7 +232,7 @@ def output_paths(out_dir: str, stem: str, seeds: Sequence[int], *, show_layout: 
 def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outputs",
              seeds: Sequence[int] = (0,), preset: str = "official", steps: int | None = None,
              scheduler: str | None = None, cfg_scale: float | None = None, negative_prompt: str | None = None,
-             dtype: str = "fp32", batch: int | None = None, guidance: bool = True, show_layout: bool = False,
+             dtype: str = "fp32", batch: int | None = None, guided: bool = True, show_layout: bool = False,
              attention_maps: bool = False, overwrite: bool = False, allow_pickle: bool = False,
              overrides: dict | None = None, sd=None, progress: bool = True, log=print) -> dict:
     """Renders one image per seed for a layout file; returns the written paths.
@@ -278,16 +278,16 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     mesh_size = max(d for d in range(1, n_dev + 1) if b % d == 0 and d <= n_dev)
     mesh = Mesh(np.array(jax.local_devices()[:mesh_size]), ("data",))
     spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
-                                self_recurrence=bool(cfg["self_recurrence"]) and guidance,
+                                self_recurrence=bool(cfg["self_recurrence"]) and guided,
                                 sow_attention=attention_maps, progress=progress)
-    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guidance else None)
+    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
     params = jax.device_put(sd.params, NamedSharding(mesh, P()))
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
     rng = jax.random.PRNGKey(seeds[0] + 1_000_003)
 
     def batch_inputs(batch_seeds):
         noise = np.stack([initial_noise(s, lat_shape) for s in batch_seeds])
-        inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, rng, guided=guidance)
+        inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, rng, guided=guided)
         return shard_batch(inputs, mesh)
 
     padded = seeds + [seeds[-1]] * (-len(seeds) % b)
