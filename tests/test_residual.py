@@ -1,0 +1,325 @@
+"""Cones 2 residual training (Eqs. 2-5) on a tiny random SD 1.x folder: preservation terms, loss
+decrease, batch and sharding invariance, resumable checkpoints, the artifact, and the CLI's bad input."""
+
+import dataclasses
+import os
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from cones_jax import artifacts, residual, training
+from tiny_checkpoints import make_sd
+
+import train as train_cli
+
+RES = 32      # pixels; the tiny VAE halves it -> 16x16 latents
+LR = 1e-3     # large, so that 30 steps move the tiny encoder (same value everywhere: one compiled step)
+
+
+def _write_images(folder):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    # A rotated phone photo: stored 48 wide x 32 high with EXIF orientation 6 (display rotated by 90°).
+    img = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(os.path.join(folder, "a.jpg"), exif=exif)
+    Image.fromarray(rng.integers(0, 255, (40, 32, 4), dtype=np.uint8), "RGBA").save(os.path.join(folder, "b.png"))
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sd"))
+    make_sd(root, "sd1")
+    images = _write_images(str(tmp_path_factory.mktemp("images")))
+    return root, images
+
+
+def _cfg(preset="official", **kw):
+    return residual.load_train_config(preset, overrides=dict(dict(resolution=RES, lr=LR), **kw))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    root, images = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return residual.setup_residual(root, images, "dog", cfg=_cfg())
+
+
+def _fixed_batch(setup, n):
+    """Centre crops of the cached latents, images cycled to `n` examples."""
+    means = [m[:16, :16] for m in setup.latents.means]
+    stds = [s[:16, :16] for s in setup.latents.stds]
+    return {"mean": np.stack([means[i % 2] for i in range(n)]), "std": np.stack([stds[i % 2] for i in range(n)])}
+
+
+def _draws(setup, b, seed):
+    return residual.draw(setup.spec, jax.random.PRNGKey(seed), (b, 16, 16, 4), 1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_image_folder_loading(tiny, tmp_path):
+    _, images = tiny
+    with pytest.warns(UserWarning, match="notes.txt"):
+        arrays = training.load_images(images, RES, crop="random", multiple=2)
+    # EXIF orientation applied: the 48x32 stored image is 32 wide, 48 high once upright.
+    assert arrays[0].shape == (48, 32, 3) and arrays[1].shape == (40, 32, 3)
+    assert all(a.dtype == np.float32 and a.min() >= -1 and a.max() <= 1 for a in arrays)
+    with pytest.warns(UserWarning):
+        centre = training.load_images(images, RES, crop="center", multiple=2)
+    assert [a.shape for a in centre] == [(RES, RES, 3)] * 2
+    Image.fromarray(np.full((8, 8), 200, np.uint8), "L").save(tmp_path / "grey.png")
+    assert training.load_images(str(tmp_path), 16, crop="center", multiple=2)[0].shape == (16, 16, 3)
+    with pytest.raises(training.DataError, match="does not exist"):
+        training.load_images(str(tmp_path / "nowhere"), RES, crop="center", multiple=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(training.DataError, match="no images"):
+        training.load_images(str(tmp_path / "empty"), RES, crop="center", multiple=2)
+
+
+def test_batches_are_a_function_of_the_step():
+    a = [training.batch_indices(s, 2, 3, seed=0) for s in range(6)]
+    assert a == [training.batch_indices(s, 2, 3, seed=0) for s in range(6)]
+    flat = sum(a, [])
+    assert sorted(flat[:3]) == [0, 1, 2] and sorted(flat[3:6]) == [0, 1, 2]  # every image once per epoch
+
+
+def test_sentences():
+    s = residual.generate_sentences("dog", 1000, seed=0)
+    assert len(s) == 1000 and len(set(s)) == 1000 and all("dog" in x for x in s)
+    assert s == residual.generate_sentences("dog", 1000, seed=0)
+    assert s != residual.generate_sentences("dog", 1000, seed=1)
+    assert any(" an " in x for x in residual.generate_sentences("owl", 300))
+    assert len(residual.TI_TEMPLATES) == 27
+
+
+def test_sentence_file(setup, tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("a dog on the beach\n\na cat in a park\nmy dog at night\n")
+    with pytest.warns(UserWarning, match="1 of 3"):
+        assert residual.read_sentences(str(path), "dog", setup.tokenizer) == ["a dog on the beach", "my dog at night"]
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 3
+
+
+def test_official_preservation_zero_at_start_and_subject_free(setup):
+    text, params = setup.spec.text, setup.text_params
+    ids = setup.frozen["instance_ids"][None]
+    out_1xLxD = text.apply({"params": params}, ids)["last_hidden_state"]
+    target = setup.frozen["reg_target"][None]
+    free = setup.frozen["reg_free"][None]
+    assert np.asarray(free[0]).nonzero()[0].tolist() == [1]  # bare "dog": one free position after the start
+    reg = lambda e: float(residual.preservation_official(e, target, free, 1e-2, 1e-3))
+    assert reg(out_1xLxD) == pytest.approx(0.0, abs=1e-6)
+    assert reg(out_1xLxD.at[:, 1].add(1.0)) == pytest.approx(0.0, abs=1e-6)   # subject row: free
+    d = out_1xLxD.shape[-1]
+    assert reg(out_1xLxD.at[:, 0].add(1.0)) == pytest.approx(1e-2 * np.sqrt(d), rel=1e-4)   # λ1·‖·‖₂
+    assert reg(out_1xLxD.at[:, 5].add(1.0)) == pytest.approx(1e-3 * np.sqrt(d), rel=1e-4)   # λ2·‖·‖_F
+    # Per example, then averaged over the batch.
+    two = jnp.concatenate([out_1xLxD.at[:, 0].add(1.0), out_1xLxD])
+    assert float(residual.preservation_official(two, jnp.concatenate([target] * 2), jnp.concatenate([free] * 2),
+                                                1e-2, 1e-3)) == pytest.approx(0.5e-2 * np.sqrt(d), rel=1e-4)
+    # Gradient is finite (0) where the encoder starts: E' = E.
+    g = jax.grad(lambda e: residual.preservation_official(e, target, free, 1e-2, 1e-3))(out_1xLxD)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_paper_preservation_zero_at_start_and_subject_free(setup):
+    tok = setup.tokenizer
+    ids = tok.encode(["a dog on the beach", "a photo of a small dog in a park"])
+    keep = jnp.asarray(~residual.subject_mask(tok, ids, "dog"))
+    out = jnp.asarray(residual.encode_prompts(setup.spec.text, setup.text_params, ids))
+    assert float(residual.preservation_paper(out, out, keep)) == 0.0
+    rows = residual.subject_rows(tok, ids, "dog")[:, 0]
+    moved = out.at[jnp.arange(2), rows].add(3.0)
+    assert float(residual.preservation_paper(moved, out, keep)) == 0.0            # subject rows excluded
+    d = out.shape[-1]
+    assert float(residual.preservation_paper(out.at[0, 0].add(1.0), out, keep)) == pytest.approx(d / 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 2 / 4
+
+
+def test_batch2_loss_is_mean_of_batch1_losses(setup):
+    params = setup.initial_params()
+    loss = jax.jit(lambda p, b, d: residual.residual_loss(setup.spec, p, setup.frozen, b, d))
+    d2 = _draws(setup, 2, 0)
+    b2 = _fixed_batch(setup, 2)
+    l2, parts2 = loss(params, b2, d2)
+    singles = [loss(params, jax.tree.map(lambda x: x[i:i + 1], b2), jax.tree.map(lambda x: x[i:i + 1] if x.shape[0] == 2
+                                                                                   else x, d2))[0] for i in range(2)]
+    assert float(l2) == pytest.approx(float(np.mean(singles)), rel=1e-5)
+    assert float(parts2["loss_reg"]) == pytest.approx(0.0, abs=1e-6)   # E' = E at step 0
+
+
+def test_loss_falls(setup):
+    spec, frozen = setup.spec, setup.frozen
+    optimizer = training.make_optimizer(setup.cfg)
+    step = training.make_train_step(setup.loss_fn(), optimizer, training.make_mesh(1), frozen)
+    state0 = training.init_state(setup.initial_params(), optimizer, seed=0)
+    start = jax.tree.map(jnp.array, state0["params"])
+    state, hist = training.run_loop(step, step.put_state(state0), setup.host_batch, total_steps=30, progress=False,
+                                    log=lambda s: None)
+    assert hist[0]["loss_reg"] == pytest.approx(0.0, abs=1e-6) and hist[-1]["loss_reg"] > 0
+    assert int(state["step"]) == 30
+    # Evaluate on fixed noise/timesteps so the comparison is not drowned by the sampling noise.
+    ev = jax.jit(lambda p, b, d: residual.residual_loss(spec, p, frozen, b, d)[1]["loss_sub"])
+    batch = _fixed_batch(setup, 2)
+    before = np.mean([float(ev(start, batch, _draws(setup, 2, k))) for k in range(4)])
+    after = np.mean([float(ev(state["params"], batch, _draws(setup, 2, k))) for k in range(4)])
+    assert after < before * 0.98, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+
+def test_sharded_step_equals_single_device(setup):
+    assert len(jax.devices()) == 8
+    optimizer = training.make_optimizer(setup.cfg)
+    batch = _fixed_batch(setup, 8)
+    results = []
+    for mesh in (training.make_mesh(8), training.make_mesh(8, jax.devices()[:1])):
+        step = training.make_train_step(setup.loss_fn(), optimizer, mesh, setup.frozen)
+        state = step.put_state(training.init_state(setup.initial_params(), optimizer, seed=3))
+        state, metrics = step(state, step.put_batch(batch))
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    assert training.make_mesh(8).devices.size == 8
+    (p8, m8), (p1, m1) = results
+    assert m8["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- runs, artifact
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    root, images = tiny
+    tmp = tmp_path_factory.mktemp("run")
+    out = str(tmp / "dog.safetensors")
+    ckpt = str(tmp / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = residual.train_residual(root, images, "dog", out, steps=4, checkpoint_dir=ckpt, checkpoint_every=2,
+                                      progress=False, overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5),
+                                      log=lambda s: None)
+    return res, out, ckpt
+
+
+def test_resume_gives_the_same_residual(tiny, full_run, tmp_path):
+    root, images = tiny
+    res, _, ckpt = full_run
+    assert sorted(os.listdir(ckpt), key=str)[:2] == ["2", "4"]
+    # A run killed after its step-2 checkpoint: copy the checkpoints without the later one.
+    killed = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, killed)
+    shutil.rmtree(os.path.join(killed, "4"))
+    logs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "dog.safetensors"), steps=4,
+                                          checkpoint_dir=killed, checkpoint_every=2, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5), log=logs.append)
+    assert any("resumed from step 2" in s for s in logs)
+    np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
+    assert np.abs(res.delta).max() > 0
+    # Only the trainable state is checkpointed: far less than the frozen UNet + VAE.
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ckpt, "4")) for f in fs)
+    model_bytes = sum(os.path.getsize(os.path.join(d, f)) for c in ("unet", "vae")
+                      for d, _, fs in os.walk(os.path.join(root, c)) for f in fs)
+    assert ckpt_bytes < model_bytes
+
+
+def test_artifact_roundtrip_and_width(tiny, full_run, tmp_path):
+    from cones_jax.pipeline import load_pipeline
+
+    res, out, _ = full_run
+    sd = load_pipeline(tiny[0], components=("text_encoder", "tokenizer"))
+    loaded = artifacts.load_residual(out, word="dog", dim=32, text_encoder=sd.text_encoder_fingerprint)
+    np.testing.assert_array_equal(loaded.delta, res.delta)
+    assert loaded.delta.shape == (1, 32) and loaded.word == "dog" and loaded.preset == "official"
+    assert list(loaded.token_ids) == sd.tokenizer.word_ids("dog")
+    assert loaded.text_encoder == sd.text_encoder_fingerprint
+    with pytest.raises(artifacts.ArtifactError, match="32-d"):
+        artifacts.load_residual(out, dim=1024)
+    big = str(tmp_path / "big.safetensors")
+    artifacts.save_residual(big, artifacts.Residual(np.zeros((1, 1024), np.float32), "dog", (5,), "x" * 16, "official"))
+    assert os.path.getsize(big) < 8 * 1024
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(capsys, argv):
+    rc = train_cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, [line for line in err if line.startswith("error:")], err
+
+
+def test_cli_bad_input(tiny, full_run, tmp_path, capsys):
+    root, images = tiny
+    out = str(tmp_path / "o.safetensors")
+    base = ["residual", "--model", root, "--word", "dog", "--out", out, "--resolution", str(RES), "--no-progress"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png at all")
+    cases = {
+        "empty folder": base + ["--images", str(empty)],
+        "unreadable image": base + ["--images", str(broken)],
+        "word is nothing": ["residual", "--model", root, "--word", "  ", "--out", out, "--images", images],
+        "no images flag": base,
+        "pickle without opt-in": base + ["--import-official", str(tmp_path / "r.pt")],
+    }
+    import torch
+    torch.save(torch.ones(1, 32), str(tmp_path / "r.pt"))
+    for name, argv in cases.items():
+        rc, errors, err = _cli(capsys, argv)
+        assert rc == 2 and len(errors) == 1, (name, err)
+        assert not os.path.exists(out), name
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary files left
+
+    # An existing --out is kept unless --overwrite.
+    with open(out, "wb") as f:
+        f.write(b"keep me")
+    rc, errors, _ = _cli(capsys, base + ["--images", images])
+    assert rc == 2 and "--overwrite" in errors[0] and open(out, "rb").read() == b"keep me"
+    os.unlink(out)
+
+    # A checkpoint made for another base model is refused before training.
+    other = training.Checkpointer(str(tmp_path / "other"), every=1, keep=1,
+                                  metadata={"kind": residual.CHECKPOINT_KIND, "fingerprint": "0123456789abcdef",
+                                            "word": "dog", "preset": "official"})
+    other.save(1, {"step": jnp.ones((), jnp.int32)}, force=True)
+    other.close()
+    rc, errors, _ = _cli(capsys, base + ["--images", images, "--checkpoint-dir", str(tmp_path / "other"), "--resume"])
+    assert rc == 2 and "fingerprint" in errors[0] and not os.path.exists(out)
+
+
+def test_cli_import_official(tiny, tmp_path, capsys):
+    import torch
+
+    root, _ = tiny
+    pt = str(tmp_path / "residual.pt")
+    torch.save(torch.arange(32, dtype=torch.float32).reshape(1, 32), pt)
+    out = str(tmp_path / "dog.safetensors")
+    rc = train_cli.main(["residual", "--model", root, "--word", "dog", "--out", out, "--import-official", pt,
+                         "--allow-pickle"])
+    assert rc == 0, capsys.readouterr().err
+    res = artifacts.load_residual(out, dim=32)
+    assert res.preset == "imported" and res.word == "dog"
+    np.testing.assert_array_equal(res.delta[0], np.arange(32))
