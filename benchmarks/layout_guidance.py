@@ -1,0 +1,149 @@
+"""Cost of Cones 2 layout guidance, measured side by side in one run.
+
+    python benchmarks/layout_guidance.py --config sd21-base --resolution 512 --steps 4
+
+Two measurements on random weights of the chosen architecture (SD UNet configs from
+`cones_jax.bench`, the SD 2.x VAE and OpenCLIP-H text tower for the full sampler):
+  1. one UNet call on a CFG batch (2 x batch) without and with the Eq. 7 bias on every
+     cross-attention layer: the per-call overhead of guidance (target <= 1.05);
+  2. the whole jitted sampler (text encoding, loop, VAE decode) per image: unguided, guided with
+     the paper preset (no self-recurrence) and guided with the official preset (self-recurrence
+     doubles the UNet calls of guided steps by design).
+Variants are timed in interleaved rounds so that machine load hits them alike; medians printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cones_jax import guidance, sampling, schedulers  # noqa: E402
+from cones_jax.bench import UNET_CONFIGS  # noqa: E402
+from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer  # noqa: E402
+from cones_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from cones_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from cones_jax.pipeline import StableDiffusion, parse_dtype  # noqa: E402
+
+TEXT = {  # OpenCLIP-H as exported for SD 2.x (23 layers); a small one for "tiny"
+    "big": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=0, model_type="clip_text_model"),
+    "tiny": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=998,
+                 eos_token_id=999, pad_token_id=0, model_type="clip_text_model"),
+}
+VAE = {"big": dict(block_out_channels=[128, 256, 512, 512]), "tiny": dict(block_out_channels=[32, 32, 32, 32])}
+
+
+def random_pipeline(name: str, dtype) -> StableDiffusion:
+    size = "tiny" if name == "tiny" else "big"
+    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS[name]), dtype=dtype)
+    vae = AutoencoderKL(VAEConfig.from_dict(VAE[size]), dtype=dtype)
+    text = CLIPTextTransformer(CLIPTextConfig.from_dict(TEXT[size]))
+    key = jax.random.PRNGKey(0)
+    init = lambda m, *a, **kw: jax.jit(lambda k: m.init(k, *a, **kw)["params"])(key)
+    params = {"unet": init(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, text.config.hidden_size))),
+              "vae": init(vae, jnp.zeros((1, 16, 16, 3))),
+              "text_encoder": init(text, jnp.zeros((1, 77), jnp.int32))}
+    cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t)
+    params["unet"], params["vae"] = cast(params["unet"]), cast(params["vae"])
+    return StableDiffusion("<random>", unet, vae, text, None, schedulers.SchedulerConfig(), params)
+
+
+def layout_maps(sd, batch, lat):
+    """Two subjects in the left and right halves, tokens 2 and 5, official γ values."""
+    maps = {}
+    for k in range(len(sd.unet.config.block_out_channels)):
+        h = lat // 2 ** k
+        m = np.zeros((batch, h * h, 77), np.float32)
+        left = (np.arange(h * h) % h) < h // 2
+        m[:, :, 2] = np.where(left, 2.5, -1e8)
+        m[:, :, 5] = np.where(~left, 2.5, -1e8)
+        maps[f"{h}x{h}"] = jnp.asarray(m)
+    return maps
+
+
+def timed_rounds(fns: dict, rounds: int) -> dict:
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="sd21-base", choices=sorted(UNET_CONFIGS))
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="images per call (the UNet batch is twice this)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--skip-sampler", action="store_true")
+    args = p.parse_args(argv)
+    dtype = parse_dtype(args.dtype)
+    print(f"command: python benchmarks/layout_guidance.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax {jax.__version__}; "
+          f"device {jax.devices()[0].platform}/{jax.devices()[0].device_kind}; host {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores")
+    sd = random_pipeline(args.config, dtype)
+    factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    lat, b = args.resolution // factor, args.batch
+    g = guidance.LayoutGuidance(maps=layout_maps(sd, b, lat), weight=jnp.full((b,), 0.08), sigmas=jnp.full((args.steps,), 3.0))
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(2 * b, lat, lat, 4), dtype)
+    t = jnp.full((2 * b,), 500.0)
+    ctx = jnp.asarray(rs.randn(2 * b, 77, sd.text_encoder.config.hidden_size), jnp.float32)
+
+    plain = jax.jit(lambda p, x, t, c: sd.unet.apply({"params": p}, x, t, c))
+    biased = jax.jit(lambda p, x, t, c, g: sd.unet.apply(
+        {"params": p}, x, t, c, cross_attn_bias=lambda s, hw: guidance.layout_bias(s, hw, 0, g)))
+    t0 = time.perf_counter(); plain_c = plain.lower(sd.params["unet"], x, t, ctx).compile(); cp = time.perf_counter() - t0
+    t0 = time.perf_counter(); biased_c = biased.lower(sd.params["unet"], x, t, ctx, g).compile(); cb = time.perf_counter() - t0
+    print(f"UNet compile: unguided {cp:.1f} s, guided {cb:.1f} s")
+    med = timed_rounds({"unguided": lambda: plain_c(sd.params["unet"], x, t, ctx),
+                        "guided": lambda: biased_c(sd.params["unet"], x, t, ctx, g)}, args.rounds)
+    print(f"UNet call, batch {2 * b} at {lat}x{lat} latents, {args.dtype}: unguided {med['unguided']:.3f} s, "
+          f"guided {med['guided']:.3f} s, ratio guided/unguided {med['guided'] / med['unguided']:.3f}")
+    if args.skip_sampler:
+        return
+    ids = jnp.asarray(np.tile(np.arange(77, dtype=np.int32) % 500, (b, 1)))
+    common = dict(prompt_ids=ids, negative_ids=ids, token_residuals=jnp.zeros((b, 77, sd.text_encoder.config.hidden_size)),
+                  noise=jnp.asarray(rs.randn(b, lat, lat, 4), jnp.float32), cfg_scale=jnp.float32(7.5),
+                  rng=jax.random.PRNGKey(1))
+    variants = {
+        "unguided (ddim)": ("ddim", False, sampling.SampleInputs(**common)),
+        "guided, paper (ddim)": ("ddim", False, sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))),
+        "guided, official (euler + self-recurrence)": (
+            "euler", True, sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))),
+    }
+    fns = {}
+    for name, (kind, recur, inputs) in variants.items():
+        fn = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler=kind, steps=args.steps, self_recurrence=recur),
+                                   guidance.layout_bias)
+        sched = schedulers.make_schedule(kind, sd.scheduler, args.steps)
+        t0 = time.perf_counter()
+        compiled = fn.lower(sd.params, sched, inputs).compile()
+        print(f"sampler compile, {name}: {time.perf_counter() - t0:.1f} s")
+        fns[name] = (lambda c=compiled, s=sched, i=inputs: c(sd.params, s, i))
+    med = timed_rounds(fns, args.rounds)
+    base = med["unguided (ddim)"]
+    for name, sec in med.items():
+        print(f"sampler, {args.steps} steps, {args.resolution}px, batch {b}: {name}: {sec / b:.3f} s per image "
+              f"(x{sec / base:.3f} of unguided)")
+
+
+if __name__ == "__main__":
+    main()
