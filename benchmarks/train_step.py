@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Cones 2 residual training step: ours (JAX, jitted, AOT-compiled) against the same step in PyTorch.
+
+    python benchmarks/train_step.py --config sd21 --batch 1 --resolution 768 --iters 20   # official setting
+    python benchmarks/train_step.py --config tiny --resolution 64 --iters 3               # smoke test (CPU)
+
+Both frameworks run the same random weights (diffusers UNet2DConditionModel + transformers CLIPTextModel,
+seed 0, converted tensor by tensor into our params), the same config (AdamW lr 5e-6, betas (0.9, 0.999),
+eps 1e-8, weight decay 1e-2, global-norm clip 1.0), batch and resolution, and the same loss: L_sub
+(Eq. 2, frozen UNet, the trained encoder's output for the bare word) + the official preservation terms
+(Eq. 3). The UNet is frozen (no grads for its weights in either framework); the whole text encoder is
+trained. Timed calls alternate (jax, torch, jax, ...) so load from other processes hits both alike;
+the printed ratio is torch seconds / jax seconds (>1: ours is faster). Compile time is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Both frameworks share one accelerator: JAX must not grab most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cones_jax import residual, training  # noqa: E402
+from cones_jax.bench import UNET_CONFIGS  # noqa: E402
+from cones_jax.config import load_config  # noqa: E402
+
+# transformers CLIPTextConfig keyword dicts of each base model's text tower.
+TEXT_CONFIGS = {
+    "tiny": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                 hidden_act="quick_gelu"),
+    "sd15": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=12, hidden_act="quick_gelu"),
+    "sd21-base": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                      num_hidden_layers=23, hidden_act="gelu"),
+    "sd21": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                 num_hidden_layers=23, hidden_act="gelu"),
+}
+PREDICTION = {"tiny": "epsilon", "sd15": "epsilon", "sd21-base": "epsilon", "sd21": "v_prediction"}
+SETTLE_S = 0.5  # lets the other framework's worker threads park before a timed call (see cones_jax.bench)
+
+
+def _log(msg: str) -> None:
+    print(f"[train_step {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_models(name: str):
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[name])
+    text_cfg = transformers.CLIPTextConfig(**TEXT_CONFIGS[name], max_position_embeddings=77,
+                                           bos_token_id=TEXT_CONFIGS[name]["vocab_size"] - 2,
+                                           eos_token_id=TEXT_CONFIGS[name]["vocab_size"] - 1)
+    text = transformers.CLIPTextModel(text_cfg)
+    return unet, text
+
+
+def to_jax(unet_t, text_t, jdtype):
+    from cones_jax import convert
+    from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, \
+        text_encoder_shapes
+    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_t.config)), dtype=jdtype)
+    unet_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in unet_t.state_dict().items()},
+                                             unet.param_shapes(), dtype=jdtype, component="unet", put=jax.device_put)
+    text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_t.config.to_dict()))
+    text_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in text_t.state_dict().items()},
+                                             text_encoder_shapes(text), rename=text_encoder_rename,
+                                             component="text_encoder", put=jax.device_put)
+    return unet, unet_params, text, text_params
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--config", default="tiny", choices=sorted(TEXT_CONFIGS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=768, help="pixels; latents are resolution/8")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen UNet dtype (both frameworks)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+
+    import torch
+    from cones_jax.models.vae import VAEConfig
+    from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
+
+    cfg = load_config("cones2_train_official")
+    jdtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tdev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    _log(f"building {args.config} UNet + text encoder (seed 0) and converting them")
+    unet_t, text_t = build_models(args.config)
+    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype)
+    ptype = PREDICTION[args.config]
+    sched = SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           prediction_type=ptype))
+    ac = alphas_cumprod(sched).astype(np.float32)
+
+    # Inputs shared by both: the bare-word prompt (start, one word token, end, padding) and cached latents.
+    vocab = TEXT_CONFIGS[args.config]["vocab_size"]
+    ids_L = np.full((77,), vocab - 1, np.int32)
+    ids_L[0], ids_L[1] = vocab - 2, 5
+    free_L = np.zeros((77,), bool)
+    free_L[1] = True
+    lat = args.resolution // 8
+    rng = np.random.default_rng(0)
+    batch = {"mean": rng.standard_normal((args.batch, lat, lat, 4), dtype=np.float32),
+             "std": np.full((args.batch, lat, lat, 4), 0.05, np.float32)}
+
+    # ---- ours
+    frozen_out = residual.encode_prompts(text, text_params, ids_L[None], chunk=1)[0]
+    frozen = {"unet": unet_params, "instance_ids": jnp.asarray(ids_L), "reg_target": jnp.asarray(frozen_out),
+              "reg_free": jnp.asarray(free_L)}
+    spec = residual.LossSpec(text=text, unet=unet, vae_config=VAEConfig(), alphas_cumprod_T=ac, prediction_type=ptype,
+                             reg="official", lambda_start=cfg["lambda_start"], lambda_rest=cfg["lambda_rest"])
+    optimizer = training.make_optimizer(cfg)
+    mesh = training.make_mesh(args.batch)
+    step = training.make_train_step(residual.make_loss_fn(spec), optimizer, mesh, frozen)
+    state = step.put_state(training.init_state({"text_encoder": text_params}, optimizer, seed=0))
+    jbatch = step.put_batch(batch)
+    step.compile(state, jbatch)
+    _log(f"jax step compiled in {step.compile_seconds:.1f} s on {jax.devices()[0].device_kind}")
+
+    def jax_run():
+        nonlocal state
+        state, metrics = step(state, jbatch)
+        return float(metrics["loss"])
+
+    # ---- PyTorch: the same step as the official trainer does it (frozen UNet, AdamW on the encoder)
+    unet_t = unet_t.to(tdev).eval().requires_grad_(False)
+    if tdtype != torch.float32:
+        unet_t = unet_t.to(dtype=tdtype)
+    text_t = text_t.to(tdev).train()
+    opt = torch.optim.AdamW(text_t.parameters(), lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+                            eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
+    ids_t = torch.from_numpy(ids_L.astype(np.int64))[None].repeat(args.batch, 1).to(tdev)
+    keep_t = torch.from_numpy(~free_L).to(tdev)
+    keep_t[0] = False
+    target_t = torch.from_numpy(frozen_out).to(tdev)
+    ac_t = torch.from_numpy(ac).to(tdev)
+    mean_t = torch.from_numpy(batch["mean"].transpose(0, 3, 1, 2).copy()).to(tdev)
+    std_t = torch.from_numpy(batch["std"].transpose(0, 3, 1, 2).copy()).to(tdev)
+
+    def torch_run():
+        latents = (mean_t + std_t * torch.randn_like(mean_t)) * VAEConfig().scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, len(ac), (args.batch,), device=tdev)
+        a = ac_t[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        cond = text_t(ids_t)[0]
+        pred = unet_t(noisy.to(tdtype), t, encoder_hidden_states=cond.to(tdtype)).sample.float()
+        target = noise if ptype == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        diff = cond - target_t
+        reg = (cfg["lambda_start"] * diff[:, 0].norm(dim=-1)
+               + cfg["lambda_rest"] * (diff * keep_t[:, None]).flatten(1).norm(dim=-1)).mean()
+        loss = torch.nn.functional.mse_loss(pred, target) + reg
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(text_t.parameters(), cfg["max_grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # synchronises, as the jax side's float() does
+
+    for _ in range(args.warmup):
+        jax_run()
+        torch_run()
+    jt, tt = [], []
+    for _ in range(args.iters):
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter()
+        jax_run()
+        jt.append(time.perf_counter() - t0)
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter()
+        torch_run()
+        tt.append(time.perf_counter() - t0)
+    result = dict(config=args.config, batch=args.batch, resolution=args.resolution, dtype=args.dtype,
+                  device=f"{jax.devices()[0].platform}/{jax.devices()[0].device_kind}", torch_device=tdev,
+                  jax_compile_s=round(step.compile_seconds, 2), jax_median_s=statistics.median(jt),
+                  torch_median_s=statistics.median(tt), iters=args.iters,
+                  jax_version=jax.__version__, torch_version=torch.__version__)
+    result["ratio_torch_over_jax"] = result["torch_median_s"] / result["jax_median_s"]
+    print(f"jax   {result['jax_median_s'] * 1e3:9.1f} ms/step (compile {result['jax_compile_s']:.1f} s)")
+    print(f"torch {result['torch_median_s'] * 1e3:9.1f} ms/step")
+    print(f"ratio torch/jax {result['ratio_torch_over_jax']:.2f}  ({args.config}, batch {args.batch}, "
+          f"{args.resolution} px, {args.dtype}, {result['device']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

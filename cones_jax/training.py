@@ -1,0 +1,391 @@
+"""Generic training infrastructure: image folders, cached VAE latents, mesh, a pure jitted train step,
+orbax checkpoints of the trainable state only, and a progress loop.
+
+Nothing here knows about Cones 2; `cones_jax.residual` (and later the concept-neuron trainer) plug a
+loss function into it:
+
+    mesh = make_mesh(batch)
+    step = make_train_step(loss_fn, optimizer, mesh, frozen)   # loss_fn(params, frozen, batch, rng)
+    state = init_state(params, optimizer, seed)
+    state, metrics = step(state, batch)                         # pure; `state` is donated
+
+The train state is a plain dict {"params", "opt_state", "step", "rng"}. Frozen trees (the UNet,
+precomputed targets) are an argument of the compiled step, never part of the optimised pytree, so
+they are neither copied nor given optimiser slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cones_jax.fileio import CheckpointError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DATA_AXIS = "data"
+
+
+class DataError(ValueError):
+    """Training data is missing or unreadable (one-line message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files of a folder, sorted by name; other files are skipped with a warning."""
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder {folder!r} does not exist")
+    paths = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue  # hidden files (.DS_Store) and sub-folders are never training data
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            paths.append(path)
+        else:
+            warnings.warn(f"skipping {path}: not an image file ({', '.join(IMAGE_EXTENSIONS)})", stacklevel=2)
+    if not paths:
+        raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                        "put 3-5 photos of the subject there")
+    return paths
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image with its EXIF orientation applied (phone photos are often stored rotated)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # Transparent pixels become white rather than whatever colour they happen to hold.
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def resize_shorter_side(img: Image.Image, resolution: int, multiple: int) -> Image.Image:
+    """Resizes so the shorter side is `resolution`; the longer side is centre-trimmed to a multiple of
+    `multiple` (the VAE's downsampling factor) so a latent crop maps to whole pixels."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    trim_w, trim_h = new_w - new_w % multiple, new_h - new_h % multiple
+    left, top = (new_w - trim_w) // 2, (new_h - trim_h) // 2
+    return img.crop((left, top, left + trim_w, top + trim_h))
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """[H, W, 3] float32 in [-1, 1]."""
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def load_images(folder: str, resolution: int, *, crop: str, multiple: int) -> list[np.ndarray]:
+    """Every image of `folder`, resized (shorter side = resolution) and, for crop="center", centre-cropped.
+
+    With crop="random" the whole resized image is kept: the random crop is taken per step in latent
+    space (see `LatentCache`), so each image is encoded once.
+    """
+    if crop not in ("random", "center"):
+        raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
+    out = []
+    for path in list_images(folder):
+        img = resize_shorter_side(read_image(path), resolution, multiple)
+        if crop == "center":
+            img = center_crop(img, resolution)
+        out.append(to_array(img))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Latent cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LatentCache:
+    """Per image, the VAE's latent Gaussian (unscaled mean and std, [h, w, C] each, sizes may differ).
+
+    A training latent is `mean + std * eps`, drawn inside the step; `crop_hw` is the latent size the
+    step sees.
+    """
+
+    means: list[np.ndarray]
+    stds: list[np.ndarray]
+    crop_hw: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.means)
+
+    def batch(self, indices: Sequence[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """{"mean", "std"}: [B, h, w, C] random crops (the same window for mean and std)."""
+        ch, cw = self.crop_hw
+        means, stds = [], []
+        for i in indices:
+            h, w = self.means[i].shape[:2]
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            means.append(self.means[i][top:top + ch, left:left + cw])
+            stds.append(self.stds[i][top:top + ch, left:left + cw])
+        return {"mean": np.stack(means), "std": np.stack(stds)}
+
+
+def encode_images(vae, vae_params, images: Sequence[np.ndarray], crop_hw: tuple[int, int]) -> LatentCache:
+    """Encodes each image once (one compile per distinct image size)."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+    means, stds = [], []
+    for img_HxWx3 in images:
+        mean, std = encode(vae_params, jnp.asarray(img_HxWx3)[None])
+        means.append(np.asarray(mean[0], np.float32))
+        stds.append(np.asarray(std[0], np.float32))
+    return LatentCache(means, stds, crop_hw)
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """Images for `step`: consecutive slots of an endless sequence of per-epoch shuffles.
+
+    A pure function of (step, seed), so a resumed run sees exactly the images it would have seen.
+    """
+    out = []
+    for slot in range(step * batch, (step + 1) * batch):
+        epoch, pos = divmod(slot, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
+    return out
+
+
+def data_rng(step: int, seed: int) -> np.random.Generator:
+    """Host-side randomness (crop windows) for `step`, also a pure function of (step, seed)."""
+    return np.random.default_rng([seed, 1 << 20, step])
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh and the train step
+# --------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+    """Multi-host runs call `jax.distributed.initialize()` before anything touches a device."""
+    if enabled:
+        jax.distributed.initialize()
+
+
+def make_mesh(batch: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over as many devices as evenly split the global batch.
+
+    Batch 1 (the Cones 2 default) runs on one device; batch 8 on 8 devices shards one example each.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = max(d for d in range(1, len(devices) + 1) if batch % d == 0)
+    return Mesh(np.array(devices[:n]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> dict:
+    """The train state: a plain dict of the trainable params, optimiser state, step and RNG key."""
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+    """The pure step `(state, frozen, batch) -> (state, metrics)` before jit."""
+
+    def train_step(state: dict, frozen: Any, batch: dict) -> tuple[dict, dict]:
+        # The step number is folded in here, so the randomness of step k does not depend on how the
+        # run got there (a resumed run draws the same noise).
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+    return train_step
+
+
+class TrainStep:
+    """A jitted train step with explicit shardings: state and frozen trees replicated, the batch split
+    along the mesh's data axis; the state argument is donated. Call as `step(state, batch)`."""
+
+    def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any):
+        self.mesh = mesh
+        rep = replicated(mesh)
+        self.frozen = jax.device_put(frozen, rep)
+        self._jitted = jax.jit(train_step_fn(loss_fn, optimizer), in_shardings=(rep, rep, data_sharded(mesh)),
+                               out_shardings=(rep, rep), donate_argnums=0)
+        self._compiled = None
+        self.compile_seconds = 0.0
+
+    def put_state(self, state: dict) -> dict:
+        return jax.device_put(state, replicated(self.mesh))
+
+    def put_batch(self, batch: dict) -> dict:
+        sharding = data_sharded(self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sharding)
+        # Multi-host: every process builds the same global batch (it is a pure function of the step)
+        # and hands each of its devices that device's slice.
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), batch)
+
+    def compile(self, state: dict, batch: dict) -> None:
+        """Ahead-of-time compile (timed apart from training)."""
+        t0 = time.perf_counter()
+        self._compiled = self._jitted.lower(state, self.frozen, batch).compile()
+        self.compile_seconds = time.perf_counter() - t0
+
+    def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        if self._compiled is None:
+            self.compile(state, batch)
+        return self._compiled(state, self.frozen, batch)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any) -> TrainStep:
+    return TrainStep(loss_fn, optimizer, mesh, frozen)
+
+
+def make_optimizer(cfg: dict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW at a constant learning rate (config keys lr, adam_*, weight_decay,
+    max_grad_norm)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg["max_grad_norm"]),
+        optax.adamw(optax.constant_schedule(cfg["lr"]), b1=cfg["adam_beta1"], b2=cfg["adam_beta2"],
+                    eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Orbax checkpoints of the train state only (trainable params, optimiser state, step, RNG) plus
+    JSON metadata naming the base model; a checkpoint of another base model is refused."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, metadata: dict):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.metadata = dict(metadata)
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {every}")
+        self.every = int(every)
+        # Which steps are saved is decided here (`maybe_save`): orbax's own interval also saves the
+        # first step it sees.
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict) -> bool:
+        ocp = self._ocp
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               meta=ocp.args.JsonSave(self.metadata)), force=True)
+
+    def maybe_save(self, step: int, state: dict, *, final: bool = False) -> bool:
+        """Saves (asynchronously) every `every` steps and at the last step."""
+        if step % self.every == 0 or final:
+            return self.save(step, state)
+        return False
+
+    def check_metadata(self, step: int) -> None:
+        meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        for key in ("fingerprint", "kind"):
+            if key in self.metadata and meta.get(key) != self.metadata[key]:
+                raise CheckpointError(
+                    f"checkpoint {self.directory} (step {step}) has {key} {meta.get(key)!r} but this run has "
+                    f"{self.metadata[key]!r}: it belongs to another base model or task; use another "
+                    "--checkpoint-dir or drop --resume")
+
+    def restore(self, state_like: dict, step: int | None = None) -> dict | None:
+        """The state at `step` (default: the latest), laid out like `state_like`; None if there is none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        self.check_metadata(step)
+        ocp = self._ocp
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------
+
+
+def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *, total_steps: int,
+             checkpointer: Checkpointer | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """Runs `step_fn` from `state["step"]` to `total_steps`; `batches(step)` gives the host batch.
+
+    Prints compile time apart from the steps; a tqdm bar shows loss and steps/s. Returns the final
+    state and the per-step metrics (as Python floats).
+    """
+    from tqdm import tqdm
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    start = int(state["step"])
+    history: list[dict] = []
+    if start >= total_steps:
+        return state, history
+    first = step_fn.put_batch(batches(start))
+    if step_fn._compiled is None:
+        step_fn.compile(state, first)
+        log(f"compiled the train step in {step_fn.compile_seconds:.1f} s")
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not progress,
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    for step in bar:
+        batch = first if step == start else step_fn.put_batch(batches(step))
+        state, metrics = step_fn(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower the learning rate")
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if checkpointer is not None:
+            checkpointer.maybe_save(step + 1, state, final=step + 1 == total_steps)
+    seconds = time.perf_counter() - t0
+    log(f"{total_steps - start} steps in {seconds:.1f} s ({(total_steps - start) / max(seconds, 1e-9):.2f} steps/s)")
+    if checkpointer is not None:
+        checkpointer.manager.wait_until_finished()
+    return state, history

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Training: register a subject as a Cones 2 residual token embedding.
+
+    python train.py residual --model /models/sd21 --images photos/dog --word dog --out dog.safetensors
+    python train.py residual --word dog --out dog.safetensors --import-official residual.pt --allow-pickle
+
+Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
+"""
+
+import argparse
+import sys
+
+
+def _residual_parser(sub) -> None:
+    p = sub.add_parser("residual", help="Cones 2: fine-tune the text encoder on a subject and keep Δ",
+                       description="Cones 2 residual token embedding (Sec. 3.2, Eqs. 2-5).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--images", help="folder of subject photos (3-5)")
+    p.add_argument("--word", required=True, help="the subject's category word, e.g. dog")
+    p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
+    p.add_argument("--preset", default="official", choices=["official", "paper"])
+    p.add_argument("--config", help="a training config file (.py with get_config()) instead of the preset's")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-dir", help="orbax checkpoints of the trained encoder + optimiser state")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="frozen UNet/VAE params and compute (the trained encoder stays fp32)")
+    p.add_argument("--remat", action="store_true", help="rematerialise text-encoder layers (less memory)")
+    p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--import-official", metavar="PT", help="convert an official Cones-V2 residual.pt instead")
+    p.add_argument("--allow-pickle", action="store_true", help="allow unpickling --import-official (trusted files)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _residual_parser(sub)
+    return p.parse_args(argv)
+
+
+def run_residual(args) -> None:
+    from cones_jax.config import parse_override
+    from cones_jax.generate import default_model
+    from cones_jax.residual import ResidualError, import_official, train_residual
+
+    model = args.model or default_model()
+    if args.import_official:
+        res = import_official(args.import_official, args.word, args.out, model_dir=model,
+                              allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+        print(f"wrote {args.out} ({res.delta.shape[0]} × {res.dim}, imported)")
+        return
+    if not args.images:
+        raise ResidualError("--images is required (a folder of subject photos)")
+    train_residual(model, args.images, args.word, args.out, preset=args.preset, config=args.config,
+                   steps=args.steps, batch=args.batch, lr=args.lr, resolution=args.resolution, seed=args.seed,
+                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   dtype=args.dtype, remat=args.remat, sentences=args.sentences, overwrite=args.overwrite,
+                   distributed=args.distributed, progress=not args.no_progress,
+                   overrides=dict(parse_override(s) for s in args.set))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cones_jax.cli import run_cli
+
+    commands = {"residual": run_residual}
+    return run_cli(lambda: commands[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
