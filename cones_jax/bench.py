@@ -71,7 +71,7 @@ RESULT_KEYS = (
     "command", "date", "jax_version", "torch_version", "config", "batch", "latent", "dtype", "torch_dtype",
     "torch_dtype_note", "device", "host", "torch_threads", "params", "iters", "warmup", "jax_compile_s",
     "jax_times_s", "jax_median_s", "torch_times_s", "torch_median_s", "ratio_torch_over_jax", "max_abs_diff",
-    "max_abs_ref", "rel_diff")
+    "max_abs_ref", "rel_diff", "xla_flags", "load_avg")
 
 
 def _log(msg: str) -> None:
@@ -87,6 +87,13 @@ def _host_description() -> str:
                     model = line.split(":", 1)[1].strip()
                     break
     return f"{model}, {os.cpu_count()} logical cores"
+
+
+def _load_avg() -> str:
+    """1-minute load average: other work on the machine skews both timings (torch's more)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return f"{os.getloadavg()[0]:.2f}"
+    return "n/a"
 
 
 def _device_description() -> str:
@@ -138,7 +145,8 @@ def run_unet(args: argparse.Namespace, command: str) -> dict:
     result.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
                   jax_version=jax.__version__, config=args.config, batch=args.batch, latent=latent,
                   dtype=args.dtype, device=_device_description(), host=_host_description(), iters=args.iters,
-                  warmup=args.warmup, torch_dtype_note="")
+                  warmup=args.warmup, torch_dtype_note="", xla_flags=os.environ.get("XLA_FLAGS", ""))
+    load_start = _load_avg()
 
     # ---- inputs (host numpy, shared by both frameworks)
     rng = np.random.default_rng(0)
@@ -198,7 +206,11 @@ def run_unet(args: argparse.Namespace, command: str) -> dict:
     x_j, t_j, c_j = jax.device_put(x_np), jax.device_put(t_np), jax.device_put(c_np)
     _log(f"compiling jax forward (batch {args.batch}, latent {latent}x{latent}, {args.dtype}) on {result['device']}")
     t0 = time.perf_counter()
-    compiled = jax.jit(module.apply).lower({"params": params}, x_j, t_j, c_j).compile()
+    try:
+        compiled = jax.jit(module.apply).lower({"params": params}, x_j, t_j, c_j).compile()
+    except (ValueError, TypeError, jax.errors.JaxRuntimeError) as e:
+        raise SystemExit(f"our UNet does not compile in {args.dtype} on {result['device']}: "
+                         f"{str(e).splitlines()[0]}") from e
     result["jax_compile_s"] = time.perf_counter() - t0
     _log(f"compiled in {result['jax_compile_s']:.1f} s")
 
@@ -249,6 +261,7 @@ def run_unet(args: argparse.Namespace, command: str) -> dict:
              f"max |diffusers| = {result['max_abs_ref']:.3e}, relative {result['rel_diff']:.3e}")
         del torch_model, torch_run, out_t
 
+    result["load_avg"] = f"{load_start} -> {_load_avg()}"
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
         _log(f"profiling one jax forward into {args.profile} (open with TensorBoard/XProf or Perfetto)")
@@ -272,6 +285,8 @@ def summary_table(r: dict) -> str:
         ("max abs diff (rel. to max|ref|)",
          "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e} ({r['rel_diff']:.2e})"),
         ("iters / warmup", f"{r['iters']} / {r['warmup']}"),
+        ("host load avg (start -> end)", str(r["load_avg"])),
+        ("XLA_FLAGS", r["xla_flags"] or "(none)"),
     ]
     head = [f"command: {r['command']}", f"date: {r['date']}",
             f"jax {r['jax_version']}, torch {r['torch_version'] or 'n/a'}"]

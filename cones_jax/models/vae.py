@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cones_jax.fileio import CheckpointError
+from cones_jax.models.attention import dot_product_attention
 from cones_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
 
 
@@ -63,7 +64,7 @@ class _SpatialSelfAttention(nn.Module):
             x_BxHxWxC).reshape(b, h * w, 1, c)
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y_BxLxC) for n in ("to_q", "to_k", "to_v"))
         # fp32 softmax, as diffusers' upcast_softmax for this layer
-        out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+        out = dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), c ** -0.5)
         out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out.astype(self.dtype).reshape(b, h * w, c))
         return out.reshape(b, h, w, c) + x_BxHxWxC
 
