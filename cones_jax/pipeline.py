@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -65,16 +64,11 @@ def check_folder(folder: str) -> dict:
                               "folder in diffusers layout")
     index = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index):
-        if any(os.path.isfile(os.path.join(folder, f)) for f in ("model.ckpt", "model.safetensors")) or any(
-                f.endswith((".ckpt", ".safetensors")) for f in os.listdir(folder)):
+        if any(f.endswith((".ckpt", ".safetensors")) for f in os.listdir(folder)):
             raise CheckpointError(f"{folder} holds a single-file checkpoint, not a diffusers folder; convert it "
                                   "with diffusers (StableDiffusionPipeline.from_single_file(...).save_pretrained)")
         raise CheckpointError(f"{folder} is not a diffusers checkpoint folder (no model_index.json)")
-    try:
-        with open(index) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    return weights.read_json(index)
 
 
 def _component_dir(folder: str, name: str) -> str:

@@ -25,6 +25,11 @@ def read_config(component_dir: str) -> dict:
     path = os.path.join(component_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{component_dir}: no config.json; is this a diffusers model folder component?")
+    return read_json(path)
+
+
+def read_json(path: str) -> dict:
+    """A JSON file, or a one-line CheckpointError naming it."""
     try:
         with open(path) as f:
             return json.load(f)
