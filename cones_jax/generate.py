@@ -118,10 +118,6 @@ def guidance_sigmas(cfg: dict, schedule: schedulers.Schedule, guidance_steps: in
     return out
 
 
-def _mesh() -> Mesh:
-    return Mesh(np.array(jax.local_devices()), ("data",))
-
-
 def build_inputs(sd, prepared: Sequence[Prepared], noise: np.ndarray, cfg: dict, rng, *, guided: bool
                  ) -> sampling.SampleInputs:
     """Stacks per-image arrays into one batch of sampler inputs."""

@@ -7,7 +7,7 @@ Every cross-attention (attn2) accepts the generic bias hook of `cones_jax.models
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
