@@ -92,6 +92,15 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return tensors, metadata
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Opens a temporary file beside `path`; renames it onto `path` only if the block succeeds.
@@ -103,6 +112,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

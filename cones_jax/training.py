@@ -17,6 +17,7 @@ they are neither copied nor given optimiser slots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -175,8 +176,13 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
     out = []
     for slot in range(step * batch, (step + 1) * batch):
         epoch, pos = divmod(slot, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
+        out.append(int(_epoch_order(seed, epoch, n)[pos]))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def data_rng(step: int, seed: int) -> np.random.Generator:
@@ -213,17 +219,30 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> dict:
-    """The train state: a plain dict of the trainable params, optimiser state, step and RNG key."""
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(seed)}
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False) -> dict:
+    """The train state: a plain dict of the trainable params, optimiser state, step and RNG key (and,
+    with `ema`, an exponential moving average of the params)."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(seed)}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.array, params)
+    return state
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """EMA with the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)), so early averages are not
+    dominated by the random initialisation."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: e + (1.0 - d) * (p.astype(e.dtype) - e), ema, params)
 
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
-    """The pure step `(state, frozen, batch) -> (state, metrics)` before jit."""
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float = 0.999):
+    """The pure step `(state, frozen, batch) -> (state, metrics)` before jit. A state holding "ema" also
+    gets its moving average updated with `ema_decay`."""
 
     def train_step(state: dict, frozen: Any, batch: dict) -> tuple[dict, dict]:
         # The step number is folded in here, so the randomness of step k does not depend on how the
@@ -233,7 +252,10 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        if "ema" in state:
+            new_state["ema"] = ema_update(state["ema"], params, state["step"], ema_decay)
+        return new_state, metrics
 
     return train_step
 
@@ -242,11 +264,12 @@ class TrainStep:
     """A jitted train step with explicit shardings: state and frozen trees replicated, the batch split
     along the mesh's data axis; the state argument is donated. Call as `step(state, batch)`."""
 
-    def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any):
+    def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any,
+                 ema_decay: float = 0.999):
         self.mesh = mesh
         rep = replicated(mesh)
         self.frozen = jax.device_put(frozen, rep)
-        self._jitted = jax.jit(train_step_fn(loss_fn, optimizer), in_shardings=(rep, rep, data_sharded(mesh)),
+        self._jitted = jax.jit(train_step_fn(loss_fn, optimizer, ema_decay), in_shardings=(rep, rep, data_sharded(mesh)),
                                out_shardings=(rep, rep), donate_argnums=0)
         self._compiled = None
         self.compile_seconds = 0.0
@@ -274,8 +297,9 @@ class TrainStep:
         return self._compiled(state, self.frozen, batch)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any) -> TrainStep:
-    return TrainStep(loss_fn, optimizer, mesh, frozen)
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any,
+                    ema_decay: float = 0.999) -> TrainStep:
+    return TrainStep(loss_fn, optimizer, mesh, frozen, ema_decay)
 
 
 def make_optimizer(cfg: dict) -> optax.GradientTransformation:

@@ -1,0 +1,355 @@
+"""The demo base model: a small Stable Diffusion of the shapes world, trained from scratch here.
+
+Same module classes as Stable Diffusion (CLIP text tower, AutoencoderKL, UNet2DConditionModel) with
+small configs, so every Cones code path (residuals, layout bias, concept neurons) runs on it
+unchanged, and it is written in diffusers layout with PyTorch key names.
+
+Training has three stages, each resumable from `workdir`:
+  1. render a fixed set of captioned scenes (`world.py`);
+  2. train the VAE (64 px images -> 16x16x4 latents) and cache the latent Gaussians of every scene;
+  3. train the UNet and the text encoder together on the cached latents: v-prediction on a cosine
+     schedule, min-SNR-5 loss weights, 10% empty captions for classifier-free guidance, EMA weights.
+`export` writes the EMA weights as a diffusers folder.
+
+    python -m cones_jax.demo.base_model --workdir /tmp/demo_run --out examples/demo_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cones_jax import convert, training
+from cones_jax.demo import world
+from cones_jax.fileio import atomic_output, load_safetensors, save_safetensors
+from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+from cones_jax.models.vae import AutoencoderKL, VAEConfig
+from cones_jax.residual import TI_TEMPLATES
+from cones_jax.schedulers import SchedulerConfig, add_noise, alphas_cumprod, training_target
+
+MAX_LENGTH = 40
+TEXT_WIDTH = 96
+
+VAE = dict(block_out_channels=[16, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+           up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+           sample_size=world.IMAGE_SIZE, in_channels=3, out_channels=3, act_fn="silu")
+UNET = dict(sample_size=world.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=[32, 64, 128],
+            layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[2, 4, 4],
+            cross_attention_dim=TEXT_WIDTH, use_linear_projection=True, norm_num_groups=32)
+SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02,
+                 prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                 timestep_spacing="trailing")
+
+
+def text_config(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+                num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+                layer_norm_eps=1e-5, projection_dim=TEXT_WIDTH, bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, model_type="clip_text_model")
+
+
+def vocabulary() -> list[str]:
+    """Caption words, most frequent first (they become single tokens), then the template words."""
+    words = list(world.CAPTION_WORDS)
+    for t in TI_TEMPLATES:
+        words += t.replace("{}", "").split()
+    return words
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: data
+# --------------------------------------------------------------------------------------------
+
+
+def render_dataset(path: str, n: int, seed0: int = 0, chunk: int = 2000) -> np.ndarray:
+    """Renders scenes seed0 .. seed0+n-1 into a uint8 [n, 64, 64, 3] .npy file (resumable by chunks)."""
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    parts_dir = path + ".parts"
+    os.makedirs(parts_dir, exist_ok=True)
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, n, chunk), desc="render", file=sys.stderr):
+        part = os.path.join(parts_dir, f"{start:08d}.npy")
+        if os.path.exists(part):
+            continue
+        imgs, _ = world.render_batch(range(seed0 + start, seed0 + min(start + chunk, n)))
+        with atomic_output(part) as f:
+            np.save(f, imgs)
+    data = np.concatenate([np.load(os.path.join(parts_dir, f"{s:08d}.npy")) for s in range(0, n, chunk)])
+    with atomic_output(path) as f:
+        np.save(f, data)
+    return np.load(path, mmap_mode="r")
+
+
+def training_caption(scene: world.Scene, rng: np.random.Generator) -> str:
+    """A caption with random word drop-out, sometimes wrapped in a textual-inversion template (so that
+    "a photo of a {}" prompts mean the same to the model), and 10% empty for classifier-free guidance."""
+    if rng.random() < 0.1:
+        return ""
+    text = world.caption(scene, rng)
+    if rng.random() < 0.25:
+        text = TI_TEMPLATES[rng.integers(len(TI_TEMPLATES))].format(text.split(" ", 1)[1])
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: the VAE
+# --------------------------------------------------------------------------------------------
+
+
+def vae_module() -> AutoencoderKL:
+    return AutoencoderKL(VAEConfig.from_dict(VAE))
+
+
+def vae_loss(vae: AutoencoderKL, params, frozen, batch, rng):
+    """L1 + L2 reconstruction of a sampled latent, plus a small KL term (as SD's autoencoder, without
+    the perceptual and adversarial terms, which flat-coloured shapes do not need)."""
+    del frozen
+    x = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+    mean, std = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+    z = mean + std * jax.random.normal(rng, mean.shape)
+    y = vae.apply({"params": params}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(y - x))
+    l2 = jnp.mean(jnp.square(y - x))
+    kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std), axis=(1, 2, 3)))
+    loss = l1 + l2 + 1e-6 * kl
+    return loss, {"l1": l1, "kl": kl}
+
+
+def optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=0.1 * lr)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01))
+
+
+def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int, lr: float, batch: int,
+                ema: bool, checkpoint_every: int = 500) -> dict:
+    """Runs one resumable training stage; returns the final state."""
+    opt = optimizer(lr, min(500, steps // 10), steps)
+    mesh = training.make_mesh(batch)
+    step_fn = training.make_train_step(loss_fn, opt, mesh, frozen={}, ema_decay=0.999)
+    state = training.init_state(params, opt, seed=0, ema=ema)
+    ckpt = training.Checkpointer(os.path.join(workdir, f"ckpt_{name}"), every=checkpoint_every, keep=2,
+                                 metadata={"kind": f"demo_{name}"})
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state = restored
+        _log(f"{name}: resumed at step {int(state['step'])}")
+    state = step_fn.put_state(state)
+    state, history = training.run_loop(step_fn, state, batches, total_steps=steps, checkpointer=ckpt, log=_log)
+    ckpt.close()
+    if history:
+        _log(f"{name}: final loss {np.mean([h['loss'] for h in history[-100:]]):.4f}")
+    return state
+
+
+def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
+                                         method=AutoencoderKL.encode))
+    means, stds = [], []
+    for i in range(0, len(images), chunk):
+        m, s = enc(params, np.asarray(images[i:i + chunk]))
+        means.append(np.asarray(m, np.float16))
+        stds.append(np.asarray(s, np.float16))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: UNet + text encoder
+# --------------------------------------------------------------------------------------------
+
+
+def min_snr_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
+    """Min-SNR-γ loss weight for v-prediction: min(SNR, γ) / (SNR + 1) (Hang et al., 2023)."""
+    ac = alphas_cumprod_T[t_B]
+    snr = ac / (1.0 - ac)
+    return jnp.minimum(snr, gamma) / (snr + 1.0)
+
+
+def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float):
+    ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen
+        k_z, k_t, k_n = jax.random.split(rng, 3)
+        mean = batch["mean"].astype(jnp.float32)
+        z0 = (mean + batch["std"].astype(jnp.float32) * jax.random.normal(k_z, mean.shape)) * scaling_factor
+        b = z0.shape[0]
+        t = jax.random.randint(k_t, (b,), 0, ac_T.shape[0])
+        noise = jax.random.normal(k_n, z0.shape)
+        ctx = text.apply({"params": params["text_encoder"]}, batch["ids"])["last_hidden_state"]
+        pred = unet.apply({"params": params["unet"]}, add_noise(ac_T, z0, noise, t), t, ctx).astype(jnp.float32)
+        target = training_target("v_prediction", ac_T, z0, noise, t)
+        per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        mse = jnp.mean(per_example)
+        return jnp.mean(min_snr_weight(ac_T, t) * per_example), {"mse": mse}
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+_NOT_LISTS = ("linear_1", "linear_2")  # TimestepEmbedding's own names, not list entries
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Flax path -> PyTorch key (inverse of `convert.torch_key_to_path`)."""
+    import re
+
+    parts = [p if p in _NOT_LISTS else re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
+    leaf = "bias" if path[-1] == "bias" else "weight"
+    return ".".join(parts + [leaf])
+
+
+def state_dict_template(params) -> dict[str, tuple[int, ...]]:
+    """PyTorch key -> PyTorch shape for a Flax params tree of our modules (kernels HWIO -> OIHW, [in, out] -> [out, in])."""
+    out = {}
+    for path, leaf in convert.flatten(params).items():
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel":
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+        out[torch_key(path)] = shape
+    return out
+
+
+def to_state_dict(params, prefix: str = "") -> dict[str, np.ndarray]:
+    sd = convert.params_to_state_dict(params, state_dict_template(params))
+    return {prefix + k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with atomic_output(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: float, tokenizer_words) -> None:
+    """Writes a diffusers Stable Diffusion folder: model_index.json and five components."""
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    tok = write_clip_tokenizer(os.path.join(out, "tokenizer"), tokenizer_words, max_length=MAX_LENGTH)
+    tcfg = text_config(tok.vocab_size)
+    os.makedirs(os.path.join(out, "text_encoder"), exist_ok=True)
+    _write_json(os.path.join(out, "text_encoder", "config.json"),
+                dict(tcfg, architectures=["CLIPTextModel"], torch_dtype="float32"))
+    save_safetensors(os.path.join(out, "text_encoder", "model.safetensors"),
+                     to_state_dict(text_params, "text_model."), {"format": "pt"})
+    for name, cfg, params, cls in (("unet", UNET, unet_params, "UNet2DConditionModel"),
+                                   ("vae", dict(VAE, scaling_factor=scaling_factor), vae_params, "AutoencoderKL")):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        _write_json(os.path.join(out, name, "config.json"), dict(cfg, _class_name=cls))
+        save_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"), to_state_dict(params),
+                         {"format": "pt"})
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), dict(SCHEDULER, _class_name="DDIMScheduler"))
+    _write_json(os.path.join(out, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+
+
+# --------------------------------------------------------------------------------------------
+# The whole recipe
+# --------------------------------------------------------------------------------------------
+
+
+def models(vocab_size: int):
+    text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_config(vocab_size)))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
+    return text, unet
+
+
+def init_params(module, *args, seed: int):
+    return jax.jit(lambda k: module.init(k, *args)["params"])(jax.random.PRNGKey(seed))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="data, checkpoints and caches (resumable)")
+    p.add_argument("--out", default="examples/demo_model")
+    p.add_argument("--scenes", type=int, default=40000)
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    t_start = time.time()
+    images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
+    scenes = [world.random_scene(i) for i in range(args.scenes)]
+    _log(f"{len(images)} scenes ready")
+
+    vae = vae_module()
+    vae_path = os.path.join(args.workdir, "vae.safetensors")
+    if not os.path.exists(vae_path):
+        params = init_params(vae, jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)), seed=1)
+
+        def vae_batches(step):
+            # 32 px crops: the VAE is fully convolutional, and a quarter of the pixels is a quarter of the cost.
+            idx = np.sort(training.batch_indices(step, args.vae_batch, len(images), seed=1))
+            rng = training.data_rng(step, seed=1)
+            y, x = rng.integers(0, world.IMAGE_SIZE // 2 // 4 + 1, size=2) * 4
+            return {"images": np.asarray(images[idx, y:y + world.IMAGE_SIZE // 2, x:x + world.IMAGE_SIZE // 2])}
+
+        state = train_stage("vae", args.workdir, lambda *a: vae_loss(vae, *a), params, vae_batches,
+                            steps=args.vae_steps, lr=1e-3, batch=args.vae_batch, ema=False)
+        flat = {"/".join(k): np.asarray(v) for k, v in convert.flatten(jax.device_get(state["params"])).items()}
+        save_safetensors(vae_path, flat)
+    vae_params = convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
+
+    lat_path = os.path.join(args.workdir, "latents.npz")
+    if not os.path.exists(lat_path):
+        mean, std = encode_dataset(vae, vae_params, images)
+        scaling = float(1.0 / np.std(mean.astype(np.float32)))
+        with atomic_output(lat_path) as f:
+            np.savez(f, mean=mean, std=std, scaling=np.float32(scaling))
+    lat = np.load(lat_path)
+    mean, std, scaling = lat["mean"], lat["std"], float(lat["scaling"])
+    _log(f"latents {mean.shape}, scaling factor {scaling:.4f}")
+
+    tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
+    text, unet = models(tok.vocab_size)
+    params = {"text_encoder": init_params(text, jnp.zeros((1, MAX_LENGTH), jnp.int32), seed=2),
+              "unet": init_params(unet, jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
+                                  jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
+
+    def batches(step):
+        idx = np.sort(training.batch_indices(step, args.batch, len(mean), seed=2))
+        rng = training.data_rng(step, seed=2)
+        ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
+        return {"mean": mean[idx], "std": std[idx], "ids": ids}
+
+    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling), params, batches,
+                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True)
+    ema = jax.device_get(state["ema"])
+    export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
+           scaling_factor=scaling, tokenizer_words=vocabulary())
+    _log(f"wrote {args.out} ({(time.time() - t_start) / 60:.1f} min in this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
