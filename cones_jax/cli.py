@@ -25,6 +25,13 @@ def run_cli(job: Callable[[], None]) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return BAD_INPUT_EXIT
+    except OSError as e:
+        # A full disk or a lost mount: outputs are written to temporary names, so nothing half-written
+        # is left behind; say what failed in one line.
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: could not write{where}: {e.strerror or e}; free some space or choose another output "
+              "location", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -334,6 +334,48 @@ def test_cli_bad_input(tiny, full_run, tmp_path, capsys):
     assert rc == 2 and "fingerprint" in errors[0] and not os.path.exists(out)
 
 
+def test_disk_full_and_interrupted_writes(tiny, full_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from cones_jax import fileio
+
+    root, images = tiny
+    # A disk that fills up while the artifact is written: one line, non-zero exit, no file, no temporary.
+    out = str(tmp_path / "full" / "dog.safetensors")
+    os.makedirs(os.path.dirname(out))
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio.os, "fsync", full_disk)
+    argv = ["residual", "--model", root, "--images", images, "--word", "dog", "--out", out, "--resolution",
+            str(RES), "--steps", "1", "--lr", str(LR), "--no-progress"]
+    rc, errors, err = _cli(capsys, argv)
+    assert rc != 0 and len(errors) == 1 and "No space left" in errors[0], err
+    assert os.listdir(os.path.dirname(out)) == []
+    monkeypatch.undo()
+
+    # A run killed in the middle of writing its step-6 checkpoint leaves orbax's temporary folder:
+    # resuming ignores it and continues from the last complete checkpoint (step 4).
+    res, _, ckpt = full_run
+    killed = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, killed)
+    partial = os.path.join(killed, "6.orbax-checkpoint-tmp-1234567890")
+    shutil.copytree(os.path.join(killed, "4"), partial)
+    for d, _, fs in os.walk(partial):
+        for f in fs:
+            with open(os.path.join(d, f), "wb") as fh:
+                fh.write(b"\0" * 3)  # truncated garbage
+    logs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "dog.safetensors"), steps=4,
+                                          checkpoint_dir=killed, checkpoint_every=2, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5), log=logs.append)
+    assert any("resumed from step 4" in s for s in logs), logs
+    np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
+
+
 def test_cli_import_official(tiny, tmp_path, capsys):
     import torch
 
