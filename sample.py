@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--attention-maps", action="store_true", help="also write per-subject cross-attention heat maps")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="allow importing official .pt residuals (pickle)")
+    p.add_argument("--neurons", nargs="+", default=[], metavar="FILE.cones",
+                   help="Cones concept-neuron files: the union of their neurons is shut (prompt with their identifiers)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset value")
     return p.parse_args(argv)
 
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
                          negative_prompt=args.negative_prompt, dtype=args.dtype, batch=args.batch,
                          guided=not args.no_guidance, show_layout=args.show_layout,
                          attention_maps=args.attention_maps, overwrite=args.overwrite,
-                         allow_pickle=args.allow_pickle, overrides=overrides)
+                         allow_pickle=args.allow_pickle, neurons=args.neurons, overrides=overrides)
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
     return run_cli(job)

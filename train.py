@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Training: register a subject as a Cones 2 residual token embedding.
+"""Training: register a subject as a Cones 2 residual token embedding or as Cones concept neurons.
 
     python train.py residual --model /models/sd21 --images photos/dog --word dog --out dog.safetensors
     python train.py residual --word dog --out dog.safetensors --import-official residual.pt --allow-pickle
+    python train.py neurons --model /models/sd15 --images photos/dog --class dog --out dog.cones
 
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
 """
@@ -41,10 +42,37 @@ def _residual_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
 
 
+def _neurons_parser(sub) -> None:
+    p = sub.add_parser("neurons", help="Cones: find the concept neurons of a subject (a sparse index set)",
+                       description="Cones concept neurons (Sec. 3, Algorithm A2).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--images", required=True, help="folder of subject photos")
+    p.add_argument("--class", dest="class_word", required=True, help="the subject's class word, e.g. dog")
+    p.add_argument("--out", required=True, help="concept-neuron file to write (.cones)")
+    p.add_argument("--identifier", help="rare token V* of the prompt 'photo of a V* dog' (default: sks)")
+    p.add_argument("--config", help="a config file (.py with get_config()); default configs/cones1_train.py")
+    p.add_argument("--steps", type=int, help="K, steps of gradient descent on ξ")
+    p.add_argument("--rho", type=float, help="learning rate ρ of that descent")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="shut the weights with M_p = (1 - ξ)/ρ > τ")
+    sel.add_argument("--sparsity", type=float, help="or shut this fraction of the searched weights")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--class-images", help="folder of class images (filled up by the base model if short)")
+    p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     _residual_parser(sub)
+    _neurons_parser(sub)
     return p.parse_args(argv)
 
 
@@ -69,11 +97,24 @@ def run_residual(args) -> None:
                    overrides=dict(parse_override(s) for s in args.set))
 
 
+def run_neurons(args) -> None:
+    from cones_jax.config import parse_override
+    from cones_jax.generate import default_model
+    from cones_jax.neurons import train_neurons
+
+    train_neurons(args.model or default_model(), args.images, args.class_word, args.out, identifier=args.identifier,
+                  config=args.config, steps=args.steps, rho=args.rho, tau=args.tau, sparsity=args.sparsity,
+                  batch=args.batch, class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, dtype=args.dtype,
+                  overwrite=args.overwrite, progress=not args.no_progress,
+                  overrides=dict(parse_override(s) for s in args.set))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from cones_jax.cli import run_cli
 
-    commands = {"residual": run_residual}
+    commands = {"residual": run_residual, "neurons": run_neurons}
     return run_cli(lambda: commands[args.command](args))
 
 

@@ -13,7 +13,8 @@ def bad_input_errors() -> tuple[type, ...]:
     from cones_jax.fileio import CheckpointError
     from cones_jax.generate import GenerateError
     from cones_jax.layout import LayoutError
-    return (ArtifactError, CheckpointError, GenerateError, LayoutError, FileNotFoundError, ValueError)
+    from cones_jax.neurons import NeuronsError
+    return (ArtifactError, CheckpointError, GenerateError, LayoutError, NeuronsError, FileNotFoundError, ValueError)
 
 
 def run_cli(job: Callable[[], None]) -> int:

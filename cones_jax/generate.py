@@ -230,8 +230,12 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
              scheduler: str | None = None, cfg_scale: float | None = None, negative_prompt: str | None = None,
              dtype: str = "fp32", batch: int | None = None, guided: bool = True, show_layout: bool = False,
              attention_maps: bool = False, overwrite: bool = False, allow_pickle: bool = False,
-             overrides: dict | None = None, sd=None, progress: bool = True, log=print) -> dict:
+             neurons: Sequence[str] = (), overrides: dict | None = None, sd=None, progress: bool = True,
+             log=print) -> dict:
     """Renders one image per seed for a layout file; returns the written paths.
+
+    `neurons`: Cones concept-neuron files; the union of their neurons is shut in the UNet (once,
+    before sampling), which composes with the layout and the residuals.
 
     Raises `GenerateError` / `cones_jax.layout.LayoutError` (one line each) before writing
     anything when an input is bad or an output exists and `overwrite` is False.
@@ -277,7 +281,14 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
                                 self_recurrence=bool(cfg["self_recurrence"]) and guided,
                                 sow_attention=attention_maps, progress=progress)
     sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
-    params = jax.device_put(sd.params, NamedSharding(mesh, P()))
+    params = sd.params
+    if neurons:
+        from cones_jax import neurons as neurons_lib
+
+        sets = neurons_lib.load_for_model(list(neurons), sd.params["unet"])
+        params = dict(params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
+        log(f"shut {sum(len(v) for v in neurons_lib.union(sets).values())} concept neurons from {len(sets)} file(s)")
+    params = jax.device_put(params, NamedSharding(mesh, P()))
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
     rng = jax.random.PRNGKey(seeds[0] + 1_000_003)
 
@@ -331,3 +342,38 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     save_png(paths["grid"], image_grid(pixels))
     paths["seconds_per_image"] = elapsed / len(padded)
     return paths
+
+
+def sample_prompts(sd, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, cfg_scale: float = 7.5,
+                   scheduler: str = "ddim", negative_prompt: str = "", batch: int = 8,
+                   token_residuals: np.ndarray | None = None, params=None) -> np.ndarray:
+    """Plain text-to-image (no layout): one uint8 image [H, W, 3] per (prompt, seed), in a batch of
+    `batch` at a time through one compiled sampler. `token_residuals` [N, L, E] adds Eq. 6 rows;
+    `params` replaces `sd.params` (e.g. with concept neurons shut)."""
+    if len(prompts) != len(seeds):
+        raise GenerateError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    cfg = {"scheduler": scheduler, "steps": steps}
+    schedule = make_schedule(sd, cfg)
+    spec = sampling.SamplerSpec(scheduler=scheduler, steps=steps, self_recurrence=False, progress=False)
+    sampler = sampling.make_sampler(sd, spec, None)
+    params = sd.params if params is None else params
+    side = sd.unet.config.sample_size
+    lat_shape = (side, side, sd.unet.config.in_channels)
+    ids = sd.tokenizer.encode(list(prompts))
+    neg = sd.tokenizer.encode([negative_prompt])[0]
+    dim = sd.text_encoder.config.hidden_size
+    rows = (np.zeros((len(prompts), ids.shape[1], dim), np.float32) if token_residuals is None
+            else np.asarray(token_residuals, np.float32))
+    out = []
+    for start in range(0, len(prompts), batch):
+        idx = list(range(start, min(start + batch, len(prompts))))
+        idx += [idx[-1]] * (batch - len(idx))  # one compiled shape for every chunk
+        inputs = sampling.SampleInputs(
+            prompt_ids=jnp.asarray(ids[idx]), negative_ids=jnp.asarray(np.stack([neg] * batch)),
+            token_residuals=jnp.asarray(rows[idx]),
+            noise=jnp.asarray(np.stack([initial_noise(int(seeds[i]), lat_shape) for i in idx])),
+            cfg_scale=jnp.float32(cfg_scale), rng=jax.random.PRNGKey(0), guidance=None,
+            guided_steps=jnp.int32(0))
+        images = np.asarray(sampler(params, schedule, inputs))
+        out.extend(_to_uint8(img) for img in images[:min(batch, len(prompts) - start)])
+    return np.stack(out)

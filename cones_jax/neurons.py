@@ -1,0 +1,559 @@
+"""Cones (concept neurons, ICML 2023): find the few UNet weights whose shutting renders a subject.
+
+    from cones_jax.neurons import train_neurons
+    cn = train_neurons("/models/sd15", "photos/my_dog", "dog", "dog.cones", steps=1000, sparsity=1e-3)
+
+Algorithm A2 of the paper: every searched kernel θ (by default the `to_k`/`to_v` kernels of each
+cross-attention) is reparametrised as ξ⊙θ with ξ = 1; K steps of plain gradient descent on ξ with
+learning rate ρ minimise the concept-implanting loss L_con = L_sub + λ·L_pr (Eq. 4); the scores
+M_p = (1 − ξ)/ρ then approximate the sum over the K steps of θ·∂L/∂θ, and the concept neurons are
+the weights with M_p > τ (Theorem 3.1: shutting θ lowers the loss, to first order, iff θ·∂L/∂θ > 0).
+The subject is rendered by the model with those weights set to zero.
+
+Only ξ is optimised: it is its own small pytree, the UNet is a frozen argument of the jitted step,
+and `restrict_updates` (an optax transformation with an elementwise mask) keeps the joint
+fine-tune of Sec. 3.3 inside the union of the subjects' neurons.
+
+A `.cones` file (safetensors) holds, per searched tensor, the sorted flat indices of its shut
+neurons, compressed (delta-coded varints or a bitmap, deflated, whichever is smaller), and the
+base UNet's fingerprint, the identifier token and the class word. Several files apply together:
+the union of their index sets is shut (the product of their masks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import zlib
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cones_jax import training
+from cones_jax.config import load_config
+from cones_jax.convert import flatten, unflatten
+from cones_jax.fileio import CheckpointError, load_safetensors, save_safetensors
+from cones_jax.models.vae import scale_latents
+from cones_jax.schedulers import add_noise, alphas_cumprod, training_target
+
+NEURONS_FORMAT = "cones_jax.neurons"
+CHECKPOINT_KIND = "cones1_neurons"
+CROSS_ATTENTION_KV = (r"attn2/to_k/kernel$", r"attn2/to_v/kernel$")
+SELF_ATTENTION_KV = (r"attn1/to_k/kernel$", r"attn1/to_v/kernel$")
+
+
+class NeuronsError(ValueError):
+    """Bad input to concept-neuron search or use (one-line message; the CLIs exit with code 2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The searched tensors and the reparametrisation
+# --------------------------------------------------------------------------------------------
+
+
+def search_paths(unet_params, patterns: Sequence[str]) -> list[str]:
+    """"/"-joined paths of the UNet kernels matching any of the regex `patterns`, sorted."""
+    names = ["/".join(p) for p in flatten(unet_params)]
+    try:
+        regs = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise NeuronsError(f"bad search pattern: {e}") from None
+    paths = sorted(n for n in names if any(r.search(n) for r in regs))
+    if not paths:
+        raise NeuronsError(f"no UNet parameter matches the search patterns {list(patterns)}; "
+                           "patterns are regexes over paths like down_blocks_0/attentions_0/"
+                           "transformer_blocks_0/attn2/to_k/kernel")
+    return paths
+
+
+def scale_params(unet_params, xi: dict[str, jax.Array]):
+    """Cones, Alg. A2: the searched kernels θ replaced by ξ⊙θ (the other parameters untouched)."""
+    flat = flatten(unet_params)
+    for path, x in xi.items():
+        key = tuple(path.split("/"))
+        flat[key] = (x * flat[key].astype(jnp.float32)).astype(flat[key].dtype)
+    return unflatten(flat)
+
+
+def initial_xi(unet_params, paths: Sequence[str]) -> dict[str, jax.Array]:
+    flat = flatten(unet_params)
+    return {p: jnp.ones(flat[tuple(p.split("/"))].shape, jnp.float32) for p in paths}
+
+
+def restrict_updates(allowed: dict[str, Any] | None) -> optax.GradientTransformation:
+    """Zeroes the updates of ξ outside `allowed` (elementwise 0/1 masks per tensor); None allows all."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        if allowed is None:
+            return updates, state
+        return {k: u * allowed[k] for k, u in updates.items()}, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(rho: float, allowed: dict[str, Any] | None = None) -> optax.GradientTransformation:
+    """Plain gradient descent on ξ with learning rate ρ (Alg. A2), optionally restricted elementwise."""
+    if not rho > 0:
+        raise NeuronsError(f"rho must be positive, got {rho}")
+    return optax.chain(restrict_updates(allowed), optax.sgd(rho))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss (Eq. 4)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    unet: Any
+    vae_config: Any
+    alphas_cumprod_T: np.ndarray
+    prediction_type: str
+    prior_weight: float = 1.0  # λ
+
+
+def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Cones, Eq. 4: L_con = L_sub + λ·L_pr.
+
+    L_sub: denoising loss of the subject latents with the identifier prompt ("photo of a V* dog");
+    L_pr: the same on class images with the class prompt ("photo of a dog"). Both halves go through
+    one UNet call. params = {"xi": {path: ξ}}; frozen = {"unet", "ctx_subject" [L, D], "ctx_prior"}.
+    """
+    ac_T = jnp.asarray(spec.alphas_cumprod_T, jnp.float32)
+    k_lat, k_noise, k_t = jax.random.split(rng, 3)
+    mean = jnp.concatenate([batch["mean"], batch["prior_mean"]])
+    std = jnp.concatenate([batch["std"], batch["prior_std"]])
+    b = batch["mean"].shape[0]
+    latents = scale_latents(spec.vae_config, mean + std * jax.random.normal(k_lat, mean.shape))
+    noise = jax.random.normal(k_noise, latents.shape)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, ac_T.shape[0])
+    ctx = jnp.concatenate([jnp.broadcast_to(frozen["ctx_subject"], (b,) + frozen["ctx_subject"].shape),
+                           jnp.broadcast_to(frozen["ctx_prior"], (latents.shape[0] - b,) + frozen["ctx_prior"].shape)])
+    err = _per_example_mse(spec, scale_params(frozen["unet"], params["xi"]), ctx, latents, noise, t, ac_T)
+    l_sub, l_pr = jnp.mean(err[:b]), jnp.mean(err[b:])
+    return l_sub + spec.prior_weight * l_pr, {"loss_sub": l_sub, "loss_prior": l_pr}
+
+
+def _per_example_mse(spec: LossSpec, unet_params, ctx, latents, noise, t, ac_T) -> jax.Array:
+    noisy = add_noise(ac_T, latents, noise, t)
+    pred = spec.unet.apply({"params": unet_params}, noisy, t, ctx).astype(jnp.float32)
+    target = training_target(spec.prediction_type, ac_T, latents, noise, t)
+    return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+
+
+def make_loss_fn(spec: LossSpec) -> training.LossFn:
+    return lambda params, frozen, batch, rng: concept_loss(spec, params, frozen, batch, rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores, τ and masks
+# --------------------------------------------------------------------------------------------
+
+
+def neuron_scores(xi: dict[str, Any], rho: float) -> dict[str, np.ndarray]:
+    """Cones, Alg. A2: M_p = (1 − ξ)/ρ, which approximates Σ_k θ^k·∂L/∂θ(θ^k) (Eq. 9)."""
+    return {k: (1.0 - np.asarray(v, np.float32)) / rho for k, v in xi.items()}
+
+
+def tau_for_sparsity(scores: dict[str, np.ndarray], sparsity: float) -> float:
+    """The τ that shuts the top `sparsity` fraction of all searched weights (by score)."""
+    if not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+    allv = np.concatenate([v.ravel() for v in scores.values()])
+    k = max(1, int(round(sparsity * allv.size)))
+    # τ just below the k-th largest score: exactly k neurons pass `> τ` (barring ties)
+    kth = np.partition(allv, allv.size - k)[allv.size - k]
+    below = allv[allv < kth]
+    return float((kth + below.max()) / 2) if below.size else float(kth) - 1.0
+
+
+def select_neurons(scores: dict[str, np.ndarray], tau: float) -> dict[str, np.ndarray]:
+    """Flat indices (sorted int64) of the concept neurons, M_p > τ, per searched tensor."""
+    out = {k: np.flatnonzero(v.ravel() > tau).astype(np.int64) for k, v in scores.items()}
+    n = sum(len(v) for v in out.values())
+    total = sum(v.size for v in scores.values())
+    if n == 0:
+        top = max(float(v.max()) for v in scores.values())
+        raise NeuronsError(f"tau {tau:g} selects no neuron (the largest score is {top:g}); lower --tau or use "
+                           "--sparsity")
+    if n == total:
+        raise NeuronsError(f"tau {tau:g} selects every searched weight ({total}); raise --tau or use --sparsity")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The artifact
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptNeurons:
+    indices: dict[str, np.ndarray]   # path -> sorted flat indices of shut weights
+    shapes: dict[str, tuple[int, ...]]
+    identifiers: tuple[str, ...]     # e.g. ("sks",)
+    classes: tuple[str, ...]         # e.g. ("dog",)
+    unet: str = ""                   # fingerprint of the base UNet
+    meta: dict = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(v) for v in self.indices.values()))
+
+    @property
+    def searched(self) -> int:
+        return int(sum(np.prod(s) for s in self.shapes.values()))
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 varints of non-negative integers (deltas of sorted indices)."""
+    if len(values) and int(np.min(values)) < 0:
+        raise ValueError("indices must be sorted (negative delta)")
+    out = bytearray()
+    for v in values.tolist():
+        while True:
+            byte = v & 0x7F
+            v >>= 7
+            if v:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+    return bytes(out)
+
+
+def _from_varints(raw: bytes, count: int) -> np.ndarray:
+    vals, v, shift = [], 0, 0
+    for byte in raw:
+        v |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            vals.append(v)
+            v, shift = 0, 0
+    if len(vals) != count or shift:
+        raise ValueError("truncated index stream")
+    return np.array(vals, np.int64)
+
+
+def encode_indices(indices: np.ndarray, size: int) -> tuple[bytes, str]:
+    """Sorted unique flat indices -> (bytes, encoding): delta-coded varints or a bitmap, deflated;
+    the smaller wins (deltas for sparse sets, the bitmap past a few percent)."""
+    idx = np.asarray(indices, np.int64)
+    delta = zlib.compress(_varints(np.diff(idx, prepend=0)), 9)
+    bits = np.zeros(size, bool)
+    bits[idx] = True
+    bitmap = zlib.compress(np.packbits(bits).tobytes(), 9)
+    return (delta, "delta") if len(delta) <= len(bitmap) else (bitmap, "bitmap")
+
+
+def decode_indices(raw: bytes, encoding: str, count: int, size: int, where: str) -> np.ndarray:
+    try:
+        data = zlib.decompress(raw)
+        if encoding == "delta":
+            idx = np.cumsum(_from_varints(data, count))
+        elif encoding == "bitmap":
+            idx = np.flatnonzero(np.unpackbits(np.frombuffer(data, np.uint8))[:size]).astype(np.int64)
+        else:
+            raise ValueError(f"unknown encoding {encoding!r}")
+    except (zlib.error, ValueError) as e:
+        raise NeuronsError(f"{where}: corrupt index data ({e})") from None
+    return check_indices(idx, count, size, where)
+
+
+def check_indices(idx: np.ndarray, count: int, size: int, where: str) -> np.ndarray:
+    if len(idx) != count:
+        raise NeuronsError(f"{where}: holds {len(idx)} indices but says {count}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= size):
+        raise NeuronsError(f"{where}: index {int(idx.max() if idx.max() >= size else idx.min())} is out of range "
+                           f"for a tensor of {size} weights; the file is corrupt or for another model")
+    if np.any(np.diff(idx) <= 0):
+        raise NeuronsError(f"{where}: indices overlap or are unsorted; the file is corrupt")
+    return idx
+
+
+def save_neurons(path: str, cn: ConceptNeurons) -> None:
+    tensors, table = {}, {}
+    for k in sorted(cn.indices):
+        size = int(np.prod(cn.shapes[k]))
+        idx = check_indices(np.asarray(cn.indices[k], np.int64), len(cn.indices[k]), size, k)
+        raw, enc = encode_indices(idx, size)
+        tensors[k] = np.frombuffer(raw, np.uint8)
+        table[k] = {"shape": list(cn.shapes[k]), "count": int(len(idx)), "encoding": enc}
+    meta = {"format": NEURONS_FORMAT, "version": "1", "unet": cn.unet, "tensors": json.dumps(table),
+            "identifiers": json.dumps(list(cn.identifiers)), "classes": json.dumps(list(cn.classes)),
+            **{k: str(v) for k, v in cn.meta.items()}}
+    save_safetensors(path, tensors, meta)
+
+
+def load_neurons(path: str, *, unet_fingerprint: str | None = None,
+                 unet_shapes: dict[str, tuple[int, ...]] | None = None) -> ConceptNeurons:
+    """Reads a `.cones` file; checks it against the base UNet (fingerprint and tensor shapes)."""
+    if not os.path.isfile(path):
+        raise NeuronsError(f"concept-neuron file {path} does not exist")
+    try:
+        tensors, meta = load_safetensors(path)
+    except CheckpointError as e:
+        raise NeuronsError(str(e)) from None
+    if meta.get("format") != NEURONS_FORMAT:
+        raise NeuronsError(f"{path} is not a cones_jax concept-neuron file (format={meta.get('format')!r})")
+    try:
+        table = json.loads(meta["tensors"])
+        identifiers = tuple(json.loads(meta.get("identifiers", "[]")))
+        classes = tuple(json.loads(meta.get("classes", "[]")))
+    except (KeyError, json.JSONDecodeError):
+        raise NeuronsError(f"{path}: corrupt metadata") from None
+    if unet_fingerprint and meta.get("unet") and meta["unet"] != unet_fingerprint:
+        raise NeuronsError(f"{path} was found on another base model (UNet {meta['unet']}, this one is "
+                           f"{unet_fingerprint}); search the neurons again on this model")
+    indices, shapes = {}, {}
+    for k, info in table.items():
+        shape = tuple(int(s) for s in info["shape"])
+        if unet_shapes is not None:
+            if k not in unet_shapes:
+                raise NeuronsError(f"{path}: tensor {k} is not in this UNet; the file is for another model")
+            if tuple(unet_shapes[k]) != shape:
+                raise NeuronsError(f"{path}: tensor {k} has shape {shape} here but {tuple(unet_shapes[k])} in this "
+                                   "UNet; the file is for another model")
+        if k not in tensors:
+            raise NeuronsError(f"{path}: no index data for {k}")
+        indices[k] = decode_indices(np.asarray(tensors[k]).tobytes(), info["encoding"], int(info["count"]),
+                                    int(np.prod(shape)), f"{path}: {k}")
+        shapes[k] = shape
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "tensors", "identifiers",
+                                                         "classes")}
+    return ConceptNeurons(indices, shapes, identifiers, classes, meta.get("unet", ""), extra, path)
+
+
+def union(sets: Sequence[ConceptNeurons]) -> dict[str, np.ndarray]:
+    """Cones Sec. 3.2: the concept neurons of several subjects together (sorted unique indices)."""
+    out: dict[str, list] = {}
+    for cn in sets:
+        for k, v in cn.indices.items():
+            out.setdefault(k, []).append(np.asarray(v, np.int64))
+    return {k: np.unique(np.concatenate(v)) for k, v in out.items()}
+
+
+def masks(indices: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """M per tensor: 0 at the concept neurons, 1 elsewhere."""
+    out = {}
+    for k, idx in indices.items():
+        m = np.ones(int(np.prod(shapes[k])), np.float32)
+        m[idx] = 0.0
+        out[k] = m.reshape(shapes[k])
+    return out
+
+
+def unet_shapes(unet_params) -> dict[str, tuple[int, ...]]:
+    return {"/".join(k): tuple(v.shape) for k, v in flatten(unet_params).items()}
+
+
+def apply_neurons(unet_params, sets: Sequence[ConceptNeurons]):
+    """M⊙θ with M the product of the sets' masks (their union shut), computed once outside the sampler."""
+    if not sets:
+        return unet_params
+    shapes = unet_shapes(unet_params)
+    mask = masks(union(sets), {k: shapes[k] for k in union(sets)})
+    return scale_params(unet_params, {k: jnp.asarray(m) for k, m in mask.items()})
+
+
+def load_for_model(paths: Sequence[str], unet_params) -> list[ConceptNeurons]:
+    from cones_jax.pipeline import fingerprint_params
+
+    fp = fingerprint_params(unet_params)
+    shapes = unet_shapes(unet_params)
+    return [load_neurons(p, unet_fingerprint=fp, unet_shapes=shapes) for p in paths]
+
+
+# --------------------------------------------------------------------------------------------
+# Setup and search
+# --------------------------------------------------------------------------------------------
+
+
+def load_train_config(config: str | None = None, overrides: dict | None = None) -> dict:
+    return load_config(config or "cones1_train", {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+class Subject(NamedTuple):
+    """One subject of a search: its photos, class word and identifier."""
+
+    images: str
+    class_word: str
+    identifier: str
+
+
+@dataclasses.dataclass
+class NeuronSetup:
+    cfg: dict
+    spec: LossSpec
+    paths: list[str]
+    frozen: dict
+    subject: training.LatentCache
+    prior: training.LatentCache
+    fingerprint: str
+    shapes: dict[str, tuple[int, ...]]
+    subjects: list[Subject]
+
+    def initial_params(self) -> dict:
+        return {"xi": {p: jnp.ones(self.shapes[p], jnp.float32) for p in self.paths}}
+
+    def host_batch(self, step: int) -> dict:
+        b, seed = self.cfg["batch"], self.cfg["seed"]
+        sub = self.subject.batch(training.batch_indices(step, b, len(self.subject), seed),
+                                 training.data_rng(step, seed))
+        pri = self.prior.batch(training.batch_indices(step, b, len(self.prior), seed + 1),
+                               training.data_rng(step, seed + 1))
+        return {"mean": sub["mean"], "std": sub["std"], "prior_mean": pri["mean"], "prior_std": pri["std"]}
+
+    def loss_fn(self) -> training.LossFn:
+        return make_loss_fn(self.spec)
+
+
+def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[str], None]) -> None:
+    """Fills `folder` up to cfg["num_class_images"] images of the class prompt, made by the base model
+    with our sampler (kept for later runs)."""
+    from cones_jax.generate import sample_prompts, save_png
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    have = len(training.list_images(folder)) if os.listdir(folder) else 0
+    need = cfg["num_class_images"] - have
+    if need <= 0:
+        return
+    prompt = cfg["class_prompt"].format(cls=class_word)
+    log(f"generating {need} class image(s) of {prompt!r} into {folder}")
+    seeds = list(range(10_000 + have, 10_000 + have + need))
+    images = sample_prompts(sd, [prompt] * need, seeds, steps=cfg["class_steps"], cfg_scale=cfg["class_cfg"])
+    for s, img in zip(seeds, images):
+        save_png(os.path.join(folder, f"class_{s:06d}.png"), Image.fromarray(img))
+
+
+def setup_neurons(model_dir: str, subjects: Sequence[Subject], *, cfg: dict, class_dir: str | None = None,
+                  dtype: str = "fp32", log: Callable[[str], None] = print) -> NeuronSetup:
+    """Loads the model, encodes subject and class images once, precomputes the two prompt encodings."""
+    from cones_jax.pipeline import fingerprint_params, load_pipeline
+    from cones_jax.residual import encode_prompts
+
+    if len(subjects) != 1:
+        raise NeuronsError("a search takes one subject; use `joint_finetune` for several")
+    subj = subjects[0]
+    sd = load_pipeline(model_dir, dtype=dtype)
+    tok = sd.tokenizer
+    for word, what in ((subj.class_word, "--class"), (subj.identifier, "--identifier")):
+        tok.word_ids(word.strip())  # raises on a word that tokenises to nothing
+        if not word.strip():
+            raise NeuronsError(f"{what} is empty")
+    instance = cfg["instance_prompt"].format(identifier=subj.identifier.strip(), cls=subj.class_word.strip())
+    prior_prompt = cfg["class_prompt"].format(cls=subj.class_word.strip())
+    ids = tok.encode([instance, prior_prompt])
+    if not tok.find_word(ids[0], subj.identifier.strip()):
+        raise NeuronsError(f"instance prompt {instance!r} loses the identifier to the token limit")
+    ctx = encode_prompts(sd.text_encoder, sd.params["text_encoder"], ids)
+
+    factor = sd.latent_factor
+    res = cfg["resolution"] or sd.unet.config.sample_size * factor
+    crop_hw = (res // factor,) * 2
+    images = training.load_images(subj.images, res, crop=cfg["crop"], multiple=factor)
+    subject = training.encode_images(sd.vae, sd.params["vae"], images, crop_hw)
+    class_dir = class_dir or os.path.join(os.path.dirname(os.path.abspath(subj.images.rstrip("/"))),
+                                          f"class_images_{subj.class_word.strip().replace(' ', '_')}")
+    class_images(sd, class_dir, subj.class_word.strip(), cfg, log=log)
+    prior = training.encode_images(sd.vae, sd.params["vae"],
+                                   training.load_images(class_dir, res, crop=cfg["crop"], multiple=factor), crop_hw)
+    paths = search_paths(sd.params["unet"], cfg["search"])
+    spec = LossSpec(unet=sd.unet, vae_config=sd.vae.config,
+                    alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
+                    prediction_type=sd.scheduler.prediction_type, prior_weight=cfg["prior_weight"])
+    frozen = {"unet": sd.params["unet"], "ctx_subject": jnp.asarray(ctx[0]), "ctx_prior": jnp.asarray(ctx[1])}
+    return NeuronSetup(cfg, spec, paths, frozen, subject, prior, fingerprint_params(sd.params["unet"]),
+                       unet_shapes(sd.params["unet"]), list(subjects))
+
+
+def search(setup: NeuronSetup, *, steps: int, checkpointer: training.Checkpointer | None = None,
+           resume: bool = False, progress: bool = True, allowed: dict | None = None, mesh=None,
+           log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """K steps of gradient descent on ξ; returns the scores M_p per tensor and the step metrics."""
+    cfg = setup.cfg
+    opt = make_optimizer(cfg["rho"], allowed)
+    state = training.init_state(setup.initial_params(), opt, cfg["seed"])
+    if checkpointer is not None and resume:
+        restored = checkpointer.restore(state)
+        if restored is None:
+            log(f"no checkpoint in {checkpointer.directory}; starting from step 0")
+        else:
+            state = restored
+            log(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
+    mesh = mesh if mesh is not None else training.make_mesh(cfg["batch"])
+    step_fn = training.make_train_step(setup.loss_fn(), opt, mesh, setup.frozen)
+    state = step_fn.put_state(state)
+    state, history = training.run_loop(step_fn, state, setup.host_batch, total_steps=steps,
+                                       checkpointer=checkpointer, progress=progress, log=log)
+    return neuron_scores(jax.device_get(state["params"]["xi"]), cfg["rho"]), history
+
+
+def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *, identifier: str | None = None,
+                  config: str | None = None, steps: int | None = None, rho: float | None = None,
+                  tau: float | None = None, sparsity: float | None = None, batch: int | None = None,
+                  class_dir: str | None = None, checkpoint_dir: str | None = None,
+                  checkpoint_every: int | None = None, resume: bool = False, dtype: str = "fp32",
+                  overwrite: bool = False, progress: bool = True, overrides: dict | None = None,
+                  history: list | None = None, log: Callable[[str], None] | None = None) -> ConceptNeurons:
+    """Finds a subject's concept neurons (Alg. A2) from the photos in `images_dir`; writes `out` atomically."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    _check_out(out, overwrite)
+    if tau is not None and sparsity is not None:
+        raise NeuronsError("give --tau or --sparsity, not both")
+    cfg = load_train_config(config, dict(overrides or {}, steps=steps, rho=rho, batch=batch, identifier=identifier,
+                                         checkpoint_every=checkpoint_every))
+    if tau is None and sparsity is None:
+        tau, sparsity = cfg["tau"], cfg["sparsity"]
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+    if resume and not checkpoint_dir:
+        raise NeuronsError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    subj = Subject(images_dir, class_word, cfg["identifier"])
+    setup = setup_neurons(model_dir, [subj], cfg=cfg, class_dir=class_dir, dtype=dtype, log=log)
+    ckpt = None
+    if checkpoint_dir:
+        ckpt = training.Checkpointer(checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
+                                     metadata={"kind": CHECKPOINT_KIND, "fingerprint": setup.fingerprint,
+                                               "class": class_word, "identifier": subj.identifier})
+        latest = ckpt.latest_step()
+        if latest is not None and not resume:
+            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints (latest step {latest}); pass "
+                                  "--resume to continue from it or choose another --checkpoint-dir")
+    try:
+        scores, hist = search(setup, steps=cfg["steps"], checkpointer=ckpt, resume=resume, progress=progress,
+                              log=log)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if history is not None:
+        history.extend(hist)
+    if tau is None:
+        tau = tau_for_sparsity(scores, sparsity)
+    indices = select_neurons(scores, tau)
+    cn = ConceptNeurons(indices, {k: setup.shapes[k] for k in setup.paths}, (subj.identifier,), (class_word,),
+                        setup.fingerprint, {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"],
+                                            "batch": cfg["batch"]}, out)
+    _check_out(out, overwrite)
+    save_neurons(out, cn)
+    log(f"wrote {out}: {cn.count} concept neurons of {cn.searched} searched weights "
+        f"({100 * cn.count / cn.searched:.3f}%), {os.path.getsize(out) / 1024:.1f} KiB")
+    return cn
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise NeuronsError(f"{out} exists; pass --overwrite to replace it")
