@@ -137,8 +137,9 @@ def optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformatio
 
 
 def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int, lr: float, batch: int,
-                ema: bool, checkpoint_every: int = 500) -> dict:
-    """Runs one resumable training stage; returns the final state."""
+                ema: bool, checkpoint_every: int = 500, export_only: bool = False) -> dict:
+    """Runs one resumable training stage; returns the final state (with `export_only`, the latest
+    checkpoint's)."""
     opt = optimizer(lr, min(500, steps // 10), steps)
     mesh = training.make_mesh(batch)
     step_fn = training.make_train_step(loss_fn, opt, mesh, frozen={}, ema_decay=0.999)
@@ -149,6 +150,9 @@ def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int
     if restored is not None:
         state = restored
         _log(f"{name}: resumed at step {int(state['step'])}")
+    if export_only:
+        ckpt.close()
+        return state
     state = step_fn.put_state(state)
     state, history = training.run_loop(step_fn, state, batches, total_steps=steps, checkpointer=ckpt, log=_log)
     ckpt.close()
@@ -291,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--export-only", action="store_true",
+                   help="write --out from the latest UNet checkpoint's EMA weights without training further")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     from cones_jax.tokenizer import write_clip_tokenizer
@@ -343,7 +349,7 @@ def main(argv=None) -> int:
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
     state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling), params, batches,
-                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True)
+                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True, export_only=args.export_only)
     ema = jax.device_get(state["ema"])
     export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
            scaling_factor=scaling, tokenizer_words=vocabulary())

@@ -1,0 +1,286 @@
+"""Quality evaluation on the demo model: does layout guidance place subjects, do residuals carry them?
+
+    python -m cones_jax.demo.evaluate --model examples/demo_model --seeds 16
+
+Measures, with the shapes-world detector (`detect.py`, validated on held-out renders):
+  gate       single objects from "a {colour} {shape}" prompts: colour and shape right (base model)
+  placement  each subject's shape inside its own layout box
+  identity   the subject's whole look (shape, colour, pattern, outline, eyes) inside its box
+  confusion  another subject's shape inside a subject's box
+  text       the prompt's shapes found anywhere in the image
+over a fixed suite of 1-4-subject layouts x seeds, for: no guidance, strengthen-only (γ⁻ = 0),
+weaken-only (γ⁺ = 0) and full guidance, each with and without residuals, for both presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from cones_jax import generate as gen, guidance, layout as layout_lib, sampling
+from cones_jax.config import load_config
+from cones_jax.demo import detect, world
+
+HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_WORLD = os.path.join(HERE, "examples", "demo_world")
+
+# The custom subjects: a category word plus a look that no caption can ask for (hidden traits).
+SUBJECTS = {
+    "sunny": world.Thing("star", "yellow", "solid", "big", outline=True, eyes=True),
+    "dotty": world.Thing("heart", "pink", "dotted", "big", outline=True, eyes=False),
+    "stripes": world.Thing("circle", "blue", "striped", "big", outline=False, eyes=True),
+    "boxy": world.Thing("square", "green", "solid", "big", outline=True, eyes=True),
+}
+
+# Boxes (fractions of the image) of the suite's layouts, per number of subjects.
+BOXES = {
+    1: [(0.25, 0.25, 0.75, 0.75)],
+    2: [(0.02, 0.2, 0.48, 0.8), (0.52, 0.2, 0.98, 0.8)],
+    3: [(0.02, 0.02, 0.48, 0.48), (0.52, 0.02, 0.98, 0.48), (0.26, 0.52, 0.74, 0.98)],
+    4: [(0.02, 0.02, 0.48, 0.48), (0.52, 0.02, 0.98, 0.48), (0.02, 0.52, 0.48, 0.98), (0.52, 0.52, 0.98, 0.98)],
+}
+BACKGROUND = "grey"
+
+
+def subject_photos(name: str, n: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """`n` photos of a subject: big, at random spots, on varied backgrounds, sometimes with company."""
+    thing = SUBJECTS[name]
+    rng = np.random.default_rng([seed, sum(map(ord, name))])
+    out = []
+    for k in range(n):
+        company = [world.random_thing(rng)] if k % 2 else []
+        things = world.place_things(rng, [thing] + company)
+        bg = list(world.BACKGROUNDS)[k % len(world.BACKGROUNDS)]
+        out.append(world.render(world.Scene(tuple(things), bg, seed=seed * 1000 + k)))
+    return out
+
+
+def write_subject_photos(folder: str = os.path.join(DEMO_WORLD, "subjects")) -> None:
+    from PIL import Image
+
+    from cones_jax.generate import save_png
+
+    for name in SUBJECTS:
+        for k, img in enumerate(subject_photos(name)):
+            save_png(os.path.join(folder, name, f"{k}.png"), Image.fromarray(img))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    names: tuple[str, ...]   # subjects, left to right / top to bottom
+    boxes: tuple[tuple[float, ...], ...]
+
+    @property
+    def prompt(self) -> str:
+        phrases = [f"a {SUBJECTS[n].shape}" for n in self.names]
+        return world.join_phrases(phrases) + f" on a {BACKGROUND} background"
+
+
+def suite() -> list[Case]:
+    """Every ordered choice of k subjects with distinct shapes, k = 1..4, in the boxes of BOXES[k]."""
+    cases = []
+    for k in (1, 2, 3, 4):
+        for names in itertools.permutations(SUBJECTS, k):
+            if k == 1 or k == 4 or names[0] < names[1]:  # keep the suite small: one order per pair set for 2-3
+                cases.append(Case(tuple(names), tuple(BOXES[k])))
+    return cases
+
+
+def layout_of(case: Case, *, residuals: bool, strength: float, residual_dir: str) -> layout_lib.Layout:
+    subjects = []
+    for name, box in zip(case.names, case.boxes):
+        res = os.path.join(residual_dir, f"{name}.safetensors") if residuals else None
+        subjects.append(layout_lib.Subject(word=SUBJECTS[name].shape, strength=strength, residual=res, box=box))
+    size = world.IMAGE_SIZE
+    return layout_lib.Layout(prompt=case.prompt, subjects=tuple(subjects), size=(size, size))
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def _px(box, size=world.IMAGE_SIZE):
+    return tuple(v * size for v in box)
+
+
+def score_image(detector: detect.Detector, image: np.ndarray, case: Case) -> dict[str, float]:
+    """Per-image fractions: placement, identity, confusion (over subjects) and text alignment."""
+    found = detector.describe(np.stack([detect.crop(image, _px(b)) for b in case.boxes]))
+    place = ident = conf = 0
+    for name, got, k in zip(case.names, found, range(len(case.names))):
+        want = SUBJECTS[name]
+        if got is None:
+            continue
+        place += got["shape"] == want.shape
+        ident += all(got[a] == getattr(want, a) for a in ("shape", "colour", "pattern", "outline", "eyes"))
+        others = {SUBJECTS[o].shape for j, o in enumerate(case.names) if j != k}
+        conf += got["shape"] in others
+    anywhere = {d["shape"] for d in detect.find_things(detector, image)}
+    text = np.mean([SUBJECTS[n].shape in anywhere for n in case.names])
+    n = len(case.names)
+    return {"placement": place / n, "all_placed": float(place == n), "identity": ident / n,
+            "confusion": conf / n, "text": float(text)}
+
+
+def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: Sequence[int]) -> dict[str, float]:
+    """The scores of renders that follow each layout exactly (subjects inside their boxes): what a
+    perfect model would get, i.e. the detectors' ceiling on this suite."""
+    rows = []
+    for case in cases:
+        for s in seeds:
+            rng = np.random.default_rng([s, 77])
+            things = []
+            for name, box in zip(case.names, case.boxes):
+                x0, y0, x1, y1 = _px(box)
+                side = min(x1 - x0, y1 - y0) * rng.uniform(0.6, 0.9)
+                cx = rng.uniform(x0 + side / 2, x1 - side / 2)
+                cy = rng.uniform(y0 + side / 2, y1 - side / 2)
+                things.append(SUBJECTS[name].with_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)))
+            image = world.render(world.Scene(tuple(things), BACKGROUND, seed=s))
+            rows.append(score_image(detector, image, case))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg: dict, *, guided: bool,
+                   batch: int = 8) -> np.ndarray:
+    """uint8 images, one per (layout, seed) pair in order, through one compiled sampler: layouts, γ
+    and λ are inputs, so the whole suite costs one compile per setting."""
+    schedule = gen.make_schedule(sd, cfg)
+    cfg = dict(cfg, _sigmas=gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"]))
+    spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
+                                self_recurrence=bool(cfg["self_recurrence"]) and guided)
+    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
+    jobs = [(gen.prepare_layout(sd, lay, cfg), s) for lay in layouts for s in seeds]
+    lat = world.IMAGE_SIZE // sd.latent_factor
+    out = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        chunk = chunk + [chunk[-1]] * (batch - len(chunk))
+        noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
+        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, jax.random.PRNGKey(start), guided=guided)
+        images = np.asarray(sampler(sd.params, schedule, inputs))
+        out.extend(gen._to_uint8(img) for img in images[:min(batch, len(jobs) - start)])
+    return np.stack(out)
+
+
+SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
+    "no guidance": (False, 1.0, True),
+    "strengthen only (γ⁻ = 0)": (True, 1.0, False),
+    "weaken only (γ⁺ = 0)": (True, 0.0, True),
+    "full guidance": (True, 1.0, True),
+}
+
+
+def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
+             residual_dir: str = os.path.join(DEMO_WORLD, "residuals"), cases: Sequence[Case] | None = None,
+             steps: int | None = None, residuals: Sequence[bool] = (False, True), log=print) -> list[dict]:
+    """One row per (preset, setting, residuals) with the mean scores per number of subjects."""
+    cases = list(cases or suite())
+    rows = []
+    for preset, (name, (guided, pos, neg)), with_res in itertools.product(presets, SETTINGS.items(), residuals):
+        if not guided and preset != presets[0]:
+            continue  # no guidance is the same for every preset
+        cfg = load_config(preset)
+        if steps:
+            cfg["steps"] = steps
+            cfg["guidance_steps"] = min(cfg["guidance_steps"], steps)
+        if not neg:
+            cfg["weight_negative"] = 0.0
+        layouts = [layout_of(c, residuals=with_res, strength=pos * cfg["weight_positive"], residual_dir=residual_dir)
+                   for c in cases]
+        t0 = time.perf_counter()
+        images = sample_layouts(sd, layouts, seeds, cfg, guided=guided)
+        scores = [score_image(detector, img, c) for c, img in zip([c for c in cases for _ in seeds], images)]
+        row = {"preset": preset if guided else "-", "setting": name, "residuals": with_res,
+               "seconds": time.perf_counter() - t0}
+        for k in (1, 2, 3, 4):
+            sel = [s for c, s in zip([c for c in cases for _ in seeds], scores) if len(c.names) == k]
+            if sel:
+                for metric in sel[0]:
+                    row[f"{metric}@{k}"] = float(np.mean([s[metric] for s in sel]))
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], steps: int = 25,
+                       cfg_scale: float = 5.0) -> dict[str, float]:
+    """Base-model fidelity: "a {colour} {shape}" for every colour x shape; the largest object found
+    must have both right."""
+    prompts, truth = [], []
+    for shape, colour in itertools.product(world.SHAPES, world.COLOURS):
+        for s in seeds:
+            prompts.append(f"a {colour} {shape}")
+            truth.append((shape, colour))
+    images = gen.sample_prompts(sd, prompts, list(range(len(prompts))), steps=steps,
+                                cfg_scale=cfg_scale)
+    shape_ok = colour_ok = both = 0
+    for img, (shape, colour) in zip(images, truth):
+        found = detect.find_things(detector, img)
+        if not found:
+            continue
+        shape_ok += found[0]["shape"] == shape
+        colour_ok += found[0]["colour"] == colour
+        both += found[0]["shape"] == shape and found[0]["colour"] == colour
+    n = len(prompts)
+    return {"shape": shape_ok / n, "colour": colour_ok / n, "colour_and_shape": both / n, "samples": n}
+
+
+def format_row(row: dict) -> str:
+    cells = [row["preset"], row["setting"], "yes" if row["residuals"] else "no"]
+    for k in (1, 2, 3, 4):
+        if f"placement@{k}" in row:
+            cells.append(f"{100 * row[f'all_placed@{k}']:.0f} / {100 * row[f'identity@{k}']:.0f} / "
+                         f"{100 * row[f'confusion@{k}']:.0f} / {100 * row[f'text@{k}']:.0f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+TABLE_HEADER = ("| preset | setting | residuals | 1 subject | 2 subjects | 3 subjects | 4 subjects |\n"
+                "|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    from cones_jax.pipeline import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(HERE, "examples", "demo_model"))
+    p.add_argument("--detector", default=os.path.join(DEMO_WORLD, "detector.safetensors"))
+    p.add_argument("--residuals", default=os.path.join(DEMO_WORLD, "residuals"))
+    p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--steps", type=int, help="sampling steps (default: each preset's)")
+    p.add_argument("--presets", nargs="+", default=["official", "paper"])
+    p.add_argument("--gate-seeds", type=int, default=4, help="seeds per colour x shape for the single-object gate")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    det = detect.load_detector(args.detector)
+    sd = load_pipeline(args.model)
+    seeds = list(range(args.seeds))
+    print("detector ceiling on ground-truth renders of the suite:",
+          {k: round(v, 3) for k, v in ground_truth_check(det, suite(), seeds[:4]).items()})
+    gate = single_object_gate(sd, det, list(range(args.gate_seeds)))
+    print(f"single-object gate: {gate}")
+    have_res = all(os.path.isfile(os.path.join(args.residuals, f"{n}.safetensors")) for n in SUBJECTS)
+    print("cells: all subjects placed / identity / confusion / text alignment, in %")
+    print(TABLE_HEADER)
+    evaluate(sd, det, seeds=seeds, presets=args.presets, residual_dir=args.residuals, steps=args.steps,
+             residuals=(False, True) if have_res else (False,))
+    print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
