@@ -81,9 +81,19 @@ def scale_params(unet_params, xi: dict[str, jax.Array]):
     return unflatten(flat)
 
 
-def initial_xi(unet_params, paths: Sequence[str]) -> dict[str, jax.Array]:
+def initial_offsets(unet_params, paths: Sequence[str]) -> dict[str, jax.Array]:
+    """ξ − 1 per searched kernel, all zero at the start.
+
+    ξ is stored as its offset from 1: with float32 ξ itself, updates of ρ·θ·∂L/∂θ (about 1e-8 at the
+    paper's ρ = 2e-5) would be below the spacing of floats near 1 (6e-8) and vanish. Gradient descent
+    on the offset is the same descent on ξ.
+    """
     flat = flatten(unet_params)
-    return {p: jnp.ones(flat[tuple(p.split("/"))].shape, jnp.float32) for p in paths}
+    return {p: jnp.zeros(flat[tuple(p.split("/"))].shape, jnp.float32) for p in paths}
+
+
+def xi_of(offsets: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: 1.0 + v for k, v in offsets.items()}
 
 
 def restrict_updates(allowed: dict[str, Any] | None) -> optax.GradientTransformation:
@@ -128,7 +138,7 @@ def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: j
 
     L_sub: denoising loss of the subject latents with the identifier prompt ("photo of a V* dog");
     L_pr: the same on class images with the class prompt ("photo of a dog"). Both halves go through
-    one UNet call. params = {"xi": {path: ξ}}; frozen = {"unet", "ctx_subject" [L, D], "ctx_prior"}.
+    one UNet call. params = {"xi_offset": {path: ξ − 1}}; frozen = {"unet", "ctx_subject" [L, D], "ctx_prior"}.
     """
     ac_T = jnp.asarray(spec.alphas_cumprod_T, jnp.float32)
     k_lat, k_noise, k_t = jax.random.split(rng, 3)
@@ -140,7 +150,8 @@ def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: j
     t = jax.random.randint(k_t, (latents.shape[0],), 0, ac_T.shape[0])
     ctx = jnp.concatenate([jnp.broadcast_to(frozen["ctx_subject"], (b,) + frozen["ctx_subject"].shape),
                            jnp.broadcast_to(frozen["ctx_prior"], (latents.shape[0] - b,) + frozen["ctx_prior"].shape)])
-    err = _per_example_mse(spec, scale_params(frozen["unet"], params["xi"]), ctx, latents, noise, t, ac_T)
+    err = _per_example_mse(spec, scale_params(frozen["unet"], xi_of(params["xi_offset"])), ctx, latents, noise, t,
+                           ac_T)
     l_sub, l_pr = jnp.mean(err[:b]), jnp.mean(err[b:])
     return l_sub + spec.prior_weight * l_pr, {"loss_sub": l_sub, "loss_prior": l_pr}
 
@@ -161,9 +172,9 @@ def make_loss_fn(spec: LossSpec) -> training.LossFn:
 # --------------------------------------------------------------------------------------------
 
 
-def neuron_scores(xi: dict[str, Any], rho: float) -> dict[str, np.ndarray]:
-    """Cones, Alg. A2: M_p = (1 − ξ)/ρ, which approximates Σ_k θ^k·∂L/∂θ(θ^k) (Eq. 9)."""
-    return {k: (1.0 - np.asarray(v, np.float32)) / rho for k, v in xi.items()}
+def neuron_scores(xi_offset: dict[str, Any], rho: float) -> dict[str, np.ndarray]:
+    """Cones, Alg. A2: M_p = (1 − ξ)/ρ, which approximates Σ_k θ^k·∂L/∂θ(θ^k) (Eq. 9). Takes ξ − 1."""
+    return {k: -np.asarray(v, np.float32) / rho for k, v in xi_offset.items()}
 
 
 def tau_for_sparsity(scores: dict[str, np.ndarray], sparsity: float) -> float:
@@ -175,7 +186,10 @@ def tau_for_sparsity(scores: dict[str, np.ndarray], sparsity: float) -> float:
     # τ just below the k-th largest score: exactly k neurons pass `> τ` (barring ties)
     kth = np.partition(allv, allv.size - k)[allv.size - k]
     below = allv[allv < kth]
-    return float((kth + below.max()) / 2) if below.size else float(kth) - 1.0
+    if not below.size:
+        raise NeuronsError("every searched weight has the same score: the search did not move ξ; "
+                           "run more --steps or raise --rho")
+    return float((kth + below.max()) / 2)
 
 
 def select_neurons(scores: dict[str, np.ndarray], tau: float) -> dict[str, np.ndarray]:
@@ -406,7 +420,7 @@ class NeuronSetup:
     subjects: list[Subject]
 
     def initial_params(self) -> dict:
-        return {"xi": {p: jnp.ones(self.shapes[p], jnp.float32) for p in self.paths}}
+        return {"xi_offset": {p: jnp.zeros(self.shapes[p], jnp.float32) for p in self.paths}}
 
     def host_batch(self, step: int) -> dict:
         b, seed = self.cfg["batch"], self.cfg["seed"]
@@ -499,7 +513,7 @@ def search(setup: NeuronSetup, *, steps: int, checkpointer: training.Checkpointe
     state = step_fn.put_state(state)
     state, history = training.run_loop(step_fn, state, setup.host_batch, total_steps=steps,
                                        checkpointer=checkpointer, progress=progress, log=log)
-    return neuron_scores(jax.device_get(state["params"]["xi"]), cfg["rho"]), history
+    return neuron_scores(jax.device_get(state["params"]["xi_offset"]), cfg["rho"]), history
 
 
 def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *, identifier: str | None = None,

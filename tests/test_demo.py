@@ -1,0 +1,89 @@
+"""The shapes world: deterministic scenes and captions, the shipped detector's accuracy on held-out
+renders, and the base model's diffusers export (PyTorch diffusers loads it and computes what we do)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cones_jax.demo import base_model, detect, evaluate, world
+
+DETECTOR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "demo_world", "detector.safetensors")
+
+
+def test_scenes_are_deterministic_and_captioned():
+    a, b = world.random_scene(123), world.random_scene(123)
+    assert a == b and 1 <= len(a.things) <= 4
+    np.testing.assert_array_equal(world.render(a), world.render(b))
+    img = world.render(a)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    text = world.caption(a)
+    for t in a.things:
+        assert t.shape in text and t.colour in text
+    # boxes inside the image and not overlapping
+    for i, t in enumerate(a.things):
+        assert 0 <= t.box[0] < t.box[2] <= 64 and 0 <= t.box[1] < t.box[3] <= 64
+        for u in a.things[i + 1:]:
+            assert detect._overlap(t.box, u.box) == 0
+    assert world.caption(a, np.random.default_rng(0)) == world.caption(a, np.random.default_rng(0))
+
+
+def test_shipped_detector_on_held_out_renders():
+    det = detect.load_detector(DETECTOR)
+    x, y = detect.make_dataset(range(3 * 10 ** 6, 3 * 10 ** 6 + 150), augment=False, seed=3)
+    acc = detect.head_accuracy(det, x, y)
+    assert min(acc[k] for k in detect.HEADS) >= 0.95, acc
+    # the layout suite rendered exactly as asked scores (almost) perfectly
+    cases = [c for c in evaluate.suite() if len(c.names) in (2, 4)][:4]
+    gt = evaluate.ground_truth_check(det, cases, [0, 1])
+    assert gt["placement"] == 1.0 and gt["confusion"] == 0.0 and gt["identity"] >= 0.9, gt
+
+
+def test_export_loads_in_diffusers_and_matches(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from cones_jax.pipeline import load_pipeline
+
+    words = base_model.vocabulary()
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    tok = write_clip_tokenizer(str(tmp_path / "tok"), words, max_length=base_model.MAX_LENGTH)
+    text, unet = base_model.models(tok.vocab_size)
+    vae = base_model.vae_module()
+
+    def noisy(params, seed):  # random everywhere (zero-initialised biases too), so a wrong key shows
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    tp = noisy(base_model.init_params(text, jnp.zeros((1, base_model.MAX_LENGTH), jnp.int32), seed=0), 1)
+    up = noisy(base_model.init_params(unet, jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
+                                      jnp.zeros((1, base_model.MAX_LENGTH, base_model.TEXT_WIDTH)), seed=2), 3)
+    vp = noisy(base_model.init_params(vae, jnp.zeros((1, 64, 64, 3)), seed=4), 5)
+    out = str(tmp_path / "demo")
+    base_model.export(out, unet_params=up, text_params=tp, vae_params=vp, scaling_factor=0.8, tokenizer_words=words)
+
+    sd = load_pipeline(out)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    ids = sd.tokenizer.encode(["a big red striped star and a blue circle on a grey background"])
+    ids_t = pipe.tokenizer(["a big red striped star and a blue circle on a grey background"], padding="max_length",
+                           max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(ids, ids_t.numpy())
+    with torch.no_grad():
+        ctx_t = pipe.text_encoder(ids_t)[0]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+        eps_t = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor([500.0]), ctx_t).sample
+        img_t = pipe.vae.decode(torch.from_numpy(x.transpose(0, 3, 1, 2))).sample
+    ctx = sd.text_encoder.apply({"params": sd.params["text_encoder"]}, jnp.asarray(ids))["last_hidden_state"]
+    np.testing.assert_allclose(np.asarray(ctx), ctx_t.numpy(), atol=1e-4)
+    eps = sd.unet.apply({"params": sd.params["unet"]}, jnp.asarray(x), jnp.array([500.0]), ctx)
+    np.testing.assert_allclose(np.asarray(eps), eps_t.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    img = sd.vae.apply({"params": sd.params["vae"]}, jnp.asarray(x), method=sd.vae.decode)
+    np.testing.assert_allclose(np.asarray(img), img_t.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    # and the whole diffusers pipeline runs on it
+    res = pipe("a red star", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert res.images.shape == (1, 64, 64, 3)
