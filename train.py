@@ -32,7 +32,7 @@ def _residual_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="frozen UNet/VAE params and compute (the trained encoder stays fp32)")
-    p.add_argument("--remat", action="store_true", help="rematerialise text-encoder layers (less memory)")
+    p.add_argument("--remat", action="store_true", help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
     p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     p.add_argument("--overwrite", action="store_true")

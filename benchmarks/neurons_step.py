@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cones_jax import neurons, training  # noqa: E402
-from train_step import PREDICTION, SETTLE_S, TEXT_CONFIGS, _log, build_models, to_jax  # noqa: E402
+from train_step import PREDICTION, TEXT_CONFIGS, _log, alternate, build_models, to_jax  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -113,19 +112,7 @@ def main(argv=None) -> dict:
         sgd.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        jax_run()
-        torch_run()
-    jt, tt = [], []
-    for _ in range(args.iters):
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        jax_run()
-        jt.append(time.perf_counter() - t0)
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        torch_run()
-        tt.append(time.perf_counter() - t0)
+    jt, tt = alternate(jax_run, torch_run, args.warmup, args.iters)
 
     # artifact size at 0.1% sparsity from this run's scores
     scores = neurons.neuron_scores(jax.device_get(state["params"]["xi_offset"]), args.rho)

@@ -54,6 +54,21 @@ def _log(msg: str) -> None:
     print(f"[train_step {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def alternate(jax_run, torch_run, warmup: int, iters: int) -> tuple[list[float], list[float]]:
+    """Seconds of each timed call, the two frameworks alternating (after `warmup` untimed rounds)."""
+    for _ in range(warmup):
+        jax_run()
+        torch_run()
+    jt, tt = [], []
+    for _ in range(iters):
+        for fn, times in ((jax_run, jt), (torch_run, tt)):
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return jt, tt
+
+
 def build_models(name: str):
     import diffusers
     import torch
@@ -68,16 +83,16 @@ def build_models(name: str):
     return unet, text
 
 
-def to_jax(unet_t, text_t, jdtype):
+def to_jax(unet_t, text_t, jdtype, remat: bool = False):
     from cones_jax import convert
     from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, \
         text_encoder_shapes
     from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_t.config)), dtype=jdtype)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_t.config)), dtype=jdtype, remat=remat)
     unet_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in unet_t.state_dict().items()},
                                              unet.param_shapes(), dtype=jdtype, component="unet", put=jax.device_put)
-    text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_t.config.to_dict()))
+    text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_t.config.to_dict()), remat=remat)
     text_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in text_t.state_dict().items()},
                                              text_encoder_shapes(text), rename=text_encoder_rename,
                                              component="text_encoder", put=jax.device_put)
@@ -90,6 +105,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--resolution", type=int, default=768, help="pixels; latents are resolution/8")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen UNet dtype (both frameworks)")
+    p.add_argument("--remat", action="store_true",
+                   help="rematerialise UNet and text-encoder layers (ours) / gradient checkpointing (PyTorch)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="also write the result here")
@@ -107,7 +124,7 @@ def main(argv=None) -> dict:
 
     _log(f"building {args.config} UNet + text encoder (seed 0) and converting them")
     unet_t, text_t = build_models(args.config)
-    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype)
+    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype, remat=args.remat)
     ptype = PREDICTION[args.config]
     sched = SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            prediction_type=ptype))
@@ -148,6 +165,9 @@ def main(argv=None) -> dict:
     if tdtype != torch.float32:
         unet_t = unet_t.to(dtype=tdtype)
     text_t = text_t.to(tdev).train()
+    if args.remat:
+        unet_t.enable_gradient_checkpointing()
+        text_t.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(text_t.parameters(), lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
     ids_t = torch.from_numpy(ids_L.astype(np.int64))[None].repeat(args.batch, 1).to(tdev)
@@ -177,20 +197,8 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())  # synchronises, as the jax side's float() does
 
-    for _ in range(args.warmup):
-        jax_run()
-        torch_run()
-    jt, tt = [], []
-    for _ in range(args.iters):
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        jax_run()
-        jt.append(time.perf_counter() - t0)
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        torch_run()
-        tt.append(time.perf_counter() - t0)
-    result = dict(config=args.config, batch=args.batch, resolution=args.resolution, dtype=args.dtype,
+    jt, tt = alternate(jax_run, torch_run, args.warmup, args.iters)
+    result = dict(config=args.config, batch=args.batch, resolution=args.resolution, dtype=args.dtype, remat=args.remat,
                   device=f"{jax.devices()[0].platform}/{jax.devices()[0].device_kind}", torch_device=tdev,
                   jax_compile_s=round(step.compile_seconds, 2), jax_median_s=statistics.median(jt),
                   torch_median_s=statistics.median(tt), iters=args.iters,
@@ -199,7 +207,7 @@ def main(argv=None) -> dict:
     print(f"jax   {result['jax_median_s'] * 1e3:9.1f} ms/step (compile {result['jax_compile_s']:.1f} s)")
     print(f"torch {result['torch_median_s'] * 1e3:9.1f} ms/step")
     print(f"ratio torch/jax {result['ratio_torch_over_jax']:.2f}  ({args.config}, batch {args.batch}, "
-          f"{args.resolution} px, {args.dtype}, {result['device']})")
+          f"{args.resolution} px, {args.dtype}{', remat' if args.remat else ''}, {result['device']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -502,12 +502,7 @@ def search(setup: NeuronSetup, *, steps: int, checkpointer: training.Checkpointe
     opt = make_optimizer(cfg["rho"], allowed)
     state = training.init_state(setup.initial_params(), opt, cfg["seed"])
     if checkpointer is not None and resume:
-        restored = checkpointer.restore(state)
-        if restored is None:
-            log(f"no checkpoint in {checkpointer.directory}; starting from step 0")
-        else:
-            state = restored
-            log(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
+        state = checkpointer.resume_state(state, log)
     mesh = mesh if mesh is not None else training.make_mesh(cfg["batch"])
     step_fn = training.make_train_step(setup.loss_fn(), opt, mesh, setup.frozen)
     state = step_fn.put_state(state)
@@ -543,10 +538,7 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *,
         ckpt = training.Checkpointer(checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
                                      metadata={"kind": CHECKPOINT_KIND, "fingerprint": setup.fingerprint,
                                                "class": class_word, "identifier": subj.identifier})
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints (latest step {latest}); pass "
-                                  "--resume to continue from it or choose another --checkpoint-dir")
+        ckpt.refuse_unless_resuming(resume)
     try:
         scores, hist = search(setup, steps=cfg["steps"], checkpointer=ckpt, resume=resume, progress=progress,
                               log=log)

@@ -29,8 +29,8 @@ import numpy as np
 
 from cones_jax import artifacts, training
 from cones_jax.config import load_config
-from cones_jax.fileio import CheckpointError
 from cones_jax.models.clip_text import CLIPTextTransformer
+from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import add_noise, alphas_cumprod, training_target
 
@@ -377,7 +377,10 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
             word, cfg["num_sentences"], cfg["sentence_seed"])
     else:
         raise ValueError(f"config delta_prompts must be 'templates' or 'sentences', got {cfg['delta_prompts']!r}")
-    spec = LossSpec(text=text, unet=sd.unet, vae_config=sd.vae.config,
+    # With remat, the frozen UNet's layers are recomputed in the backward pass into the encoder too:
+    # its activations are most of a step's memory.
+    unet = UNet2DConditionModel(sd.unet.config, dtype=sd.unet.dtype, remat=True) if remat else sd.unet
+    spec = LossSpec(text=text, unet=unet, vae_config=sd.vae.config,
                     alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
                     prediction_type=sd.scheduler.prediction_type, reg=cfg["reg"], **spec_kw)
     return ResidualSetup(cfg, spec, tok, word, token_ids, text_params, fingerprint_params(text_params), frozen,
@@ -421,17 +424,9 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
             checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
             metadata={"kind": CHECKPOINT_KIND, "fingerprint": setup.fingerprint, "word": setup.word,
                       "preset": cfg["preset"]})
-        latest = checkpointer.latest_step()
-        if latest is not None and not resume:
-            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints (latest step {latest}); pass "
-                                  "--resume to continue from it or choose another --checkpoint-dir")
+        checkpointer.refuse_unless_resuming(resume)
         if resume:
-            restored = checkpointer.restore(state)
-            if restored is None:
-                log(f"no checkpoint in {checkpoint_dir}; starting from step 0")
-            else:
-                state = restored
-                log(f"resumed from step {int(state['step'])} in {checkpoint_dir}")
+            state = checkpointer.resume_state(state, log)
 
     mesh = training.make_mesh(cfg["batch"])
     step_fn = training.make_train_step(setup.loss_fn(), training.make_optimizer(cfg), mesh, setup.frozen)

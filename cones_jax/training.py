@@ -366,6 +366,22 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
+    def refuse_unless_resuming(self, resume: bool) -> None:
+        """A fresh run must not mix its checkpoints with an older run's."""
+        latest = self.latest_step()
+        if latest is not None and not resume:
+            raise CheckpointError(f"{self.directory} already holds checkpoints (latest step {latest}); pass "
+                                  "--resume to continue from it or choose another --checkpoint-dir")
+
+    def resume_state(self, state: dict, log: Callable[[str], None]) -> dict:
+        """The latest checkpointed state, or `state` itself when there is none."""
+        restored = self.restore(state)
+        if restored is None:
+            log(f"no checkpoint in {self.directory}; starting from step 0")
+            return state
+        log(f"resumed from step {int(restored['step'])} in {self.directory}")
+        return restored
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -125,3 +125,24 @@ def test_unsupported_unet_config_is_one_line_error(key, value, message):
     with pytest.raises(CheckpointError, match=message) as e:
         UNetConfig.from_dict(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_unet_remat_same_params_outputs_and_grads():
+    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from tiny_checkpoints import unet_config
+
+    cfg = UNetConfig.from_dict(unet_config("sd2", 32))
+    plain, remat = UNet2DConditionModel(cfg), UNet2DConditionModel(cfg, remat=True)
+    assert jax.tree.map(lambda s: s.shape, plain.param_shapes()) == jax.tree.map(lambda s: s.shape,
+                                                                                 remat.param_shapes())
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    c = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
+    params = plain.init(jax.random.PRNGKey(2), x, jnp.ones((2,)), c)["params"]
+
+    def loss(module, c):
+        return jnp.mean(jnp.square(module.apply({"params": params}, x, jnp.array([10.0, 500.0]), c)))
+
+    np.testing.assert_allclose(loss(remat, c), loss(plain, c), rtol=1e-6)
+    g_plain = jax.grad(lambda c: loss(plain, c))(c)
+    g_remat = jax.grad(lambda c: loss(remat, c))(c)
+    np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g_plain), atol=1e-6)

@@ -243,6 +243,17 @@ def full_run(tiny, tmp_path_factory):
     return res, out, ckpt
 
 
+def _resume(root, images, checkpoint_dir, out):
+    """Resumes the 4-step run of `full_run` from `checkpoint_dir`; returns the residual and the log lines."""
+    logs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", out, steps=4, checkpoint_dir=checkpoint_dir,
+                                          checkpoint_every=2, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5), log=logs.append)
+    return resumed, logs
+
+
 def test_resume_gives_the_same_residual(tiny, full_run, tmp_path):
     root, images = tiny
     res, _, ckpt = full_run
@@ -251,12 +262,7 @@ def test_resume_gives_the_same_residual(tiny, full_run, tmp_path):
     killed = str(tmp_path / "ckpt")
     shutil.copytree(ckpt, killed)
     shutil.rmtree(os.path.join(killed, "4"))
-    logs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "dog.safetensors"), steps=4,
-                                          checkpoint_dir=killed, checkpoint_every=2, resume=True, progress=False,
-                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5), log=logs.append)
+    resumed, logs = _resume(root, images, killed, str(tmp_path / "dog.safetensors"))
     assert any("resumed from step 2" in s for s in logs)
     np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
     assert np.abs(res.delta).max() > 0
@@ -366,12 +372,7 @@ def test_disk_full_and_interrupted_writes(tiny, full_run, tmp_path, capsys, monk
         for f in fs:
             with open(os.path.join(d, f), "wb") as fh:
                 fh.write(b"\0" * 3)  # truncated garbage
-    logs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "dog.safetensors"), steps=4,
-                                          checkpoint_dir=killed, checkpoint_every=2, resume=True, progress=False,
-                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=5), log=logs.append)
+    resumed, logs = _resume(root, images, killed, str(tmp_path / "dog.safetensors"))
     assert any("resumed from step 4" in s for s in logs), logs
     np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
 

@@ -109,23 +109,31 @@ class _Blocks(nn.Module):
     resample: bool
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h, temb, context, skips, kw):
         cfg, dt, ch = self.config, self.dtype, self.channels
-        resnet = lambda j: ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name=f"resnets_{j}")
-        attn = lambda j: Transformer2D(ch, self.heads, ch // self.heads, cfg.use_linear_projection,
-                                       cfg.upcast_attention, cfg.norm_num_groups, dtype=dt, name=f"attentions_{j}")
+        # Rematerialised layers keep only their inputs for the backward pass. Attention layers are
+        # rematerialised only without a bias hook or sown maps (training), whose Python callables
+        # and side outputs a checkpointed call cannot take.
+        plain_attn = kw.get("bias_fn") is None and not kw.get("sow_probs")
+        resnet_cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        attn_cls = nn.remat(Transformer2D) if self.remat and plain_attn else Transformer2D
+        resnet = lambda j: resnet_cls(ch, cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name=f"resnets_{j}")
+        layer = lambda j: attn_cls(ch, self.heads, ch // self.heads, cfg.use_linear_projection,
+                                   cfg.upcast_attention, cfg.norm_num_groups, dtype=dt, name=f"attentions_{j}")
+        attn = lambda j: ((lambda x, c: layer(j)(x, c)) if plain_attn else (lambda x, c: layer(j)(x, c, **kw)))
         if self.kind == "mid":
             h = resnet(0)(h, temb)
-            h = attn(0)(h, context, **kw)
+            h = attn(0)(h, context)
             return resnet(1)(h, temb)
         for j in range(self.n_layers):
             if self.kind == "up":
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = resnet(j)(h, temb)
             if self.cross_attention:
-                h = attn(j)(h, context, **kw)
+                h = attn(j)(h, context)
             if self.kind == "down":
                 skips.append(h)
         if self.resample and self.kind == "down":
@@ -137,8 +145,12 @@ class _Blocks(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
+    """`remat=True` rematerialises every resnet and (unbiased) transformer layer in the backward pass:
+    far less activation memory for training through the UNet, for about one more forward pass."""
+
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample_BxHxWxC: jax.Array, timesteps: jax.Array, context_BxLxE: jax.Array, *,
@@ -166,13 +178,13 @@ class UNet2DConditionModel(nn.Module):
         skips = [h]
         for i, (kind, ch) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
             h = _Blocks("down", ch, cfg.layers_per_block, cfg.heads[i], kind == "CrossAttnDownBlock2D", i < n - 1,
-                        cfg, dt, name=f"down_blocks_{i}")(h, temb, context_BxLxE, skips, kw)
-        h = _Blocks("mid", cfg.block_out_channels[-1], 1, cfg.heads[-1], True, False, cfg, dt,
+                        cfg, dt, self.remat, name=f"down_blocks_{i}")(h, temb, context_BxLxE, skips, kw)
+        h = _Blocks("mid", cfg.block_out_channels[-1], 1, cfg.heads[-1], True, False, cfg, dt, self.remat,
                     name="mid_block")(h, temb, context_BxLxE, skips, kw)
         heads_up = tuple(reversed(cfg.heads))
         for i, (kind, ch) in enumerate(zip(cfg.up_block_types, reversed(cfg.block_out_channels))):
             h = _Blocks("up", ch, cfg.layers_per_block + 1, heads_up[i], kind == "CrossAttnUpBlock2D", i < n - 1,
-                        cfg, dt, name=f"up_blocks_{i}")(h, temb, context_BxLxE, skips, kw)
+                        cfg, dt, self.remat, name=f"up_blocks_{i}")(h, temb, context_BxLxE, skips, kw)
 
         h = nn.silu(nn.GroupNorm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt,
                                  name="conv_norm_out")(h))
