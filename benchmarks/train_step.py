@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     text_t = text_t.to(tdev).train()
     if args.remat:
         unet_t.enable_gradient_checkpointing()
-        text_t.gradient_checkpointing_enable()
+        (getattr(text_t, "activation_checkpointing_enable", None) or text_t.gradient_checkpointing_enable)()
     opt = torch.optim.AdamW(text_t.parameters(), lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
     ids_t = torch.from_numpy(ids_L.astype(np.int64))[None].repeat(args.batch, 1).to(tdev)
