@@ -15,7 +15,6 @@ weight count and the size of a .cones file at 0.1% sparsity.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cones_jax import neurons, training  # noqa: E402
-from train_step import PREDICTION, TEXT_CONFIGS, _log, alternate, build_models, to_jax  # noqa: E402
+from train_step import (PREDICTION, TEXT_CONFIGS, JaxRunner, _log, alternate, build_models, report,  # noqa: E402
+                        to_jax, torch_noised)
 
 
 def main(argv=None) -> dict:
@@ -75,14 +75,8 @@ def main(argv=None) -> dict:
     opt = neurons.make_optimizer(args.rho)
     step = training.make_train_step(neurons.make_loss_fn(spec), opt, training.make_mesh(b), frozen)
     state = step.put_state(training.init_state({"xi_offset": neurons.initial_offsets(unet_params, paths)}, opt, seed=0))
-    jbatch = step.put_batch(batch)
-    step.compile(state, jbatch)
+    jax_run = JaxRunner(step, state, batch)
     _log(f"jax step compiled in {step.compile_seconds:.1f} s; {len(paths)} tensors, {searched} searched weights")
-
-    def jax_run():
-        nonlocal state
-        state, metrics = step(state, jbatch)
-        return float(metrics["loss"])
 
     # ---- PyTorch: ξ⊙θ through torch.func.functional_call, SGD on ξ only
     unet_t = unet_t.to(tdev).eval().requires_grad_(False)
@@ -97,14 +91,9 @@ def main(argv=None) -> dict:
     ctx_t = torch.from_numpy(np.repeat(ctx, b, axis=0)).to(tdev)
 
     def torch_run():
-        latents = (mean_t + std_t * torch.randn_like(mean_t)) * VAEConfig().scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, len(ac), (2 * b,), device=tdev)
-        a = ac_t[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy, t, target = torch_noised(mean_t, std_t, ac_t, ptype)
         scaled = {n: xi[n] * theta[n] for n in names}
         pred = torch.func.functional_call(unet_t, scaled, (noisy, t), {"encoder_hidden_states": ctx_t}).sample
-        target = noise if ptype == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
         err = (pred - target).square().flatten(1).mean(1)
         loss = err[:b].mean() + err[b:].mean()
         loss.backward()
@@ -115,7 +104,7 @@ def main(argv=None) -> dict:
     jt, tt = alternate(jax_run, torch_run, args.warmup, args.iters)
 
     # artifact size at 0.1% sparsity from this run's scores
-    scores = neurons.neuron_scores(jax.device_get(state["params"]["xi_offset"]), args.rho)
+    scores = neurons.neuron_scores(jax.device_get(jax_run.state["params"]["xi_offset"]), args.rho)
     idx = neurons.select_neurons(scores, neurons.tau_for_sparsity(scores, 1e-3))
     cn = neurons.ConceptNeurons(idx, {p: shapes[p] for p in paths}, ("sks",), ("dog",), "bench")
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,16 +116,8 @@ def main(argv=None) -> dict:
                   jax_compile_s=round(step.compile_seconds, 2), jax_median_s=statistics.median(jt),
                   torch_median_s=statistics.median(tt), iters=args.iters, searched_weights=searched,
                   neurons_at_0_1pct=cn.count, artifact_bytes=size)
-    result["ratio_torch_over_jax"] = result["torch_median_s"] / result["jax_median_s"]
-    print(f"jax   {result['jax_median_s'] * 1e3:9.1f} ms/step (compile {result['jax_compile_s']:.1f} s)")
-    print(f"torch {result['torch_median_s'] * 1e3:9.1f} ms/step")
-    print(f"ratio torch/jax {result['ratio_torch_over_jax']:.2f}  ({args.config}, batch {b}+{b}, "
-          f"{args.resolution} px, {result['device']})")
     print(f"searched {searched} weights; 0.1% = {cn.count} neurons in {size / 1024:.1f} KiB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return report(result, f"{args.config}, batch {b}+{b}, {args.resolution} px, {result['device']}", args.json)
 
 
 if __name__ == "__main__":

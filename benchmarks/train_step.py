@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cones_jax import residual, training  # noqa: E402
 from cones_jax.bench import UNET_CONFIGS  # noqa: E402
 from cones_jax.config import load_config  # noqa: E402
+from cones_jax.models.vae import VAEConfig  # noqa: E402
 
 # transformers CLIPTextConfig keyword dicts of each base model's text tower.
 TEXT_CONFIGS = {
@@ -67,6 +68,32 @@ def alternate(jax_run, torch_run, warmup: int, iters: int) -> tuple[list[float],
             fn()
             times.append(time.perf_counter() - t0)
     return jt, tt
+
+
+class JaxRunner:
+    """Compiles a `training.TrainStep` ahead of time; each call runs one step on the same batch,
+    carries the (donated) state in `self.state` and waits for the loss."""
+
+    def __init__(self, step, state, batch):
+        self.step, self.state, self.batch = step, state, step.put_batch(batch)
+        step.compile(state, self.batch)
+
+    def __call__(self) -> float:
+        self.state, metrics = self.step(self.state, self.batch)
+        return float(metrics["loss"])
+
+
+def torch_noised(mean_t, std_t, ac_t, prediction_type: str):
+    """The PyTorch side's draw: latent sample, noise, timesteps; returns (noisy latents, t, target)."""
+    import torch
+
+    latents = (mean_t + std_t * torch.randn_like(mean_t)) * VAEConfig().scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, len(ac_t), (latents.shape[0],), device=latents.device)
+    a = ac_t[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    return noisy, t, target
 
 
 def build_models(name: str):
@@ -113,7 +140,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import torch
-    from cones_jax.models.vae import VAEConfig
     from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
     cfg = load_config("cones2_train_official")
@@ -151,14 +177,8 @@ def main(argv=None) -> dict:
     mesh = training.make_mesh(args.batch)
     step = training.make_train_step(residual.make_loss_fn(spec), optimizer, mesh, frozen)
     state = step.put_state(training.init_state({"text_encoder": text_params}, optimizer, seed=0))
-    jbatch = step.put_batch(batch)
-    step.compile(state, jbatch)
+    jax_run = JaxRunner(step, state, batch)
     _log(f"jax step compiled in {step.compile_seconds:.1f} s on {jax.devices()[0].device_kind}")
-
-    def jax_run():
-        nonlocal state
-        state, metrics = step(state, jbatch)
-        return float(metrics["loss"])
 
     # ---- PyTorch: the same step as the official trainer does it (frozen UNet, AdamW on the encoder)
     unet_t = unet_t.to(tdev).eval().requires_grad_(False)
@@ -179,14 +199,9 @@ def main(argv=None) -> dict:
     std_t = torch.from_numpy(batch["std"].transpose(0, 3, 1, 2).copy()).to(tdev)
 
     def torch_run():
-        latents = (mean_t + std_t * torch.randn_like(mean_t)) * VAEConfig().scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, len(ac), (args.batch,), device=tdev)
-        a = ac_t[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy, t, target = torch_noised(mean_t, std_t, ac_t, ptype)
         cond = text_t(ids_t)[0]
         pred = unet_t(noisy.to(tdtype), t, encoder_hidden_states=cond.to(tdtype)).sample.float()
-        target = noise if ptype == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
         diff = cond - target_t
         reg = (cfg["lambda_start"] * diff[:, 0].norm(dim=-1)
                + cfg["lambda_rest"] * (diff * keep_t[:, None]).flatten(1).norm(dim=-1)).mean()
@@ -203,13 +218,18 @@ def main(argv=None) -> dict:
                   jax_compile_s=round(step.compile_seconds, 2), jax_median_s=statistics.median(jt),
                   torch_median_s=statistics.median(tt), iters=args.iters,
                   jax_version=jax.__version__, torch_version=torch.__version__)
+    return report(result, f"{args.config}, batch {args.batch}, {args.resolution} px, {args.dtype}"
+                          f"{', remat' if args.remat else ''}, {result['device']}", args.json)
+
+
+def report(result: dict, label: str, json_path: str | None) -> dict:
+    """Adds the torch/jax ratio, prints the two medians and the ratio, and writes `json_path` if given."""
     result["ratio_torch_over_jax"] = result["torch_median_s"] / result["jax_median_s"]
     print(f"jax   {result['jax_median_s'] * 1e3:9.1f} ms/step (compile {result['jax_compile_s']:.1f} s)")
     print(f"torch {result['torch_median_s'] * 1e3:9.1f} ms/step")
-    print(f"ratio torch/jax {result['ratio_torch_over_jax']:.2f}  ({args.config}, batch {args.batch}, "
-          f"{args.resolution} px, {args.dtype}{', remat' if args.remat else ''}, {result['device']})")
-    if args.json:
-        with open(args.json, "w") as f:
+    print(f"ratio torch/jax {result['ratio_torch_over_jax']:.2f}  ({label})")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
 

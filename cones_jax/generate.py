@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -344,36 +344,37 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     return paths
 
 
+def padded_chunks(n: int, batch: int) -> Iterator[tuple[list[int], int]]:
+    """Index lists of exactly `batch` items covering range(n), the last one padded by repeating its
+    final index (one compiled shape for every call), each with how many of its items are real."""
+    for start in range(0, n, batch):
+        idx = list(range(start, min(start + batch, n)))
+        yield idx + [idx[-1]] * (batch - len(idx)), len(idx)
+
+
 def sample_prompts(sd, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, cfg_scale: float = 7.5,
-                   scheduler: str = "ddim", negative_prompt: str = "", batch: int = 8,
-                   token_residuals: np.ndarray | None = None, params=None) -> np.ndarray:
+                   scheduler: str = "ddim", negative_prompt: str = "", batch: int = 8) -> np.ndarray:
     """Plain text-to-image (no layout): one uint8 image [H, W, 3] per (prompt, seed), in a batch of
-    `batch` at a time through one compiled sampler. `token_residuals` [N, L, E] adds Eq. 6 rows;
-    `params` replaces `sd.params` (e.g. with concept neurons shut)."""
+    `batch` at a time through one compiled sampler."""
     if len(prompts) != len(seeds):
         raise GenerateError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     cfg = {"scheduler": scheduler, "steps": steps}
     schedule = make_schedule(sd, cfg)
     spec = sampling.SamplerSpec(scheduler=scheduler, steps=steps, self_recurrence=False, progress=False)
     sampler = sampling.make_sampler(sd, spec, None)
-    params = sd.params if params is None else params
     side = sd.unet.config.sample_size
     lat_shape = (side, side, sd.unet.config.in_channels)
     ids = sd.tokenizer.encode(list(prompts))
     neg = sd.tokenizer.encode([negative_prompt])[0]
-    dim = sd.text_encoder.config.hidden_size
-    rows = (np.zeros((len(prompts), ids.shape[1], dim), np.float32) if token_residuals is None
-            else np.asarray(token_residuals, np.float32))
+    rows = np.zeros((batch, ids.shape[1], sd.text_encoder.config.hidden_size), np.float32)
     out = []
-    for start in range(0, len(prompts), batch):
-        idx = list(range(start, min(start + batch, len(prompts))))
-        idx += [idx[-1]] * (batch - len(idx))  # one compiled shape for every chunk
+    for idx, real in padded_chunks(len(prompts), batch):
         inputs = sampling.SampleInputs(
             prompt_ids=jnp.asarray(ids[idx]), negative_ids=jnp.asarray(np.stack([neg] * batch)),
-            token_residuals=jnp.asarray(rows[idx]),
+            token_residuals=jnp.asarray(rows),
             noise=jnp.asarray(np.stack([initial_noise(int(seeds[i]), lat_shape) for i in idx])),
             cfg_scale=jnp.float32(cfg_scale), rng=jax.random.PRNGKey(0), guidance=None,
             guided_steps=jnp.int32(0))
-        images = np.asarray(sampler(params, schedule, inputs))
-        out.extend(_to_uint8(img) for img in images[:min(batch, len(prompts) - start)])
+        images = np.asarray(sampler(sd.params, schedule, inputs))
+        out.extend(_to_uint8(img) for img in images[:real])
     return np.stack(out)

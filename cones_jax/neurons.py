@@ -10,9 +10,10 @@ M_p = (1 − ξ)/ρ then approximate the sum over the K steps of θ·∂L/∂θ,
 the weights with M_p > τ (Theorem 3.1: shutting θ lowers the loss, to first order, iff θ·∂L/∂θ > 0).
 The subject is rendered by the model with those weights set to zero.
 
-Only ξ is optimised: it is its own small pytree, the UNet is a frozen argument of the jitted step,
-and `restrict_updates` (an optax transformation with an elementwise mask) keeps the joint
-fine-tune of Sec. 3.3 inside the union of the subjects' neurons.
+Only ξ is optimised: it is its own small pytree, and the UNet is a frozen argument of the jitted
+step. `restrict_updates` (an optax transformation with an elementwise mask, `search(allowed=...)`)
+confines a search to a subset of the weights, e.g. to the union of several subjects' neurons for
+the joint fine-tune of Sec. 3.3, which has no command yet.
 
 A `.cones` file (safetensors) holds, per searched tensor, the sorted flat indices of its shut
 neurons, compressed (delta-coded varints or a bitmap, deflated, whichever is smaller), and the
@@ -40,7 +41,7 @@ from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
 from cones_jax.fileio import CheckpointError, load_safetensors, save_safetensors
 from cones_jax.models.vae import scale_latents
-from cones_jax.schedulers import add_noise, alphas_cumprod, training_target
+from cones_jax.schedulers import alphas_cumprod
 
 NEURONS_FORMAT = "cones_jax.neurons"
 CHECKPOINT_KIND = "cones1_neurons"
@@ -150,17 +151,10 @@ def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: j
     t = jax.random.randint(k_t, (latents.shape[0],), 0, ac_T.shape[0])
     ctx = jnp.concatenate([jnp.broadcast_to(frozen["ctx_subject"], (b,) + frozen["ctx_subject"].shape),
                            jnp.broadcast_to(frozen["ctx_prior"], (latents.shape[0] - b,) + frozen["ctx_prior"].shape)])
-    err = _per_example_mse(spec, scale_params(frozen["unet"], xi_of(params["xi_offset"])), ctx, latents, noise, t,
-                           ac_T)
+    unet_params = scale_params(frozen["unet"], xi_of(params["xi_offset"]))
+    err = training.denoising_errors(spec.unet, unet_params, ctx, latents, noise, t, ac_T, spec.prediction_type)
     l_sub, l_pr = jnp.mean(err[:b]), jnp.mean(err[b:])
     return l_sub + spec.prior_weight * l_pr, {"loss_sub": l_sub, "loss_prior": l_pr}
-
-
-def _per_example_mse(spec: LossSpec, unet_params, ctx, latents, noise, t, ac_T) -> jax.Array:
-    noisy = add_noise(ac_T, latents, noise, t)
-    pred = spec.unet.apply({"params": unet_params}, noisy, t, ctx).astype(jnp.float32)
-    target = training_target(spec.prediction_type, ac_T, latents, noise, t)
-    return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
 
 
 def make_loss_fn(spec: LossSpec) -> training.LossFn:
@@ -378,7 +372,8 @@ def apply_neurons(unet_params, sets: Sequence[ConceptNeurons]):
     if not sets:
         return unet_params
     shapes = unet_shapes(unet_params)
-    mask = masks(union(sets), {k: shapes[k] for k in union(sets)})
+    shut = union(sets)
+    mask = masks(shut, {k: shapes[k] for k in shut})
     return scale_params(unet_params, {k: jnp.asarray(m) for k, m in mask.items()})
 
 
@@ -417,10 +412,9 @@ class NeuronSetup:
     prior: training.LatentCache
     fingerprint: str
     shapes: dict[str, tuple[int, ...]]
-    subjects: list[Subject]
 
     def initial_params(self) -> dict:
-        return {"xi_offset": {p: jnp.zeros(self.shapes[p], jnp.float32) for p in self.paths}}
+        return {"xi_offset": initial_offsets(self.frozen["unet"], self.paths)}
 
     def host_batch(self, step: int) -> dict:
         b, seed = self.cfg["batch"], self.cfg["seed"]
@@ -453,15 +447,12 @@ def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[
         save_png(os.path.join(folder, f"class_{s:06d}.png"), Image.fromarray(img))
 
 
-def setup_neurons(model_dir: str, subjects: Sequence[Subject], *, cfg: dict, class_dir: str | None = None,
+def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | None = None,
                   dtype: str = "fp32", log: Callable[[str], None] = print) -> NeuronSetup:
     """Loads the model, encodes subject and class images once, precomputes the two prompt encodings."""
     from cones_jax.pipeline import fingerprint_params, load_pipeline
     from cones_jax.residual import encode_prompts
 
-    if len(subjects) != 1:
-        raise NeuronsError("a search takes one subject; use `joint_finetune` for several")
-    subj = subjects[0]
     sd = load_pipeline(model_dir, dtype=dtype)
     tok = sd.tokenizer
     for word, what in ((subj.class_word, "--class"), (subj.identifier, "--identifier")):
@@ -491,7 +482,7 @@ def setup_neurons(model_dir: str, subjects: Sequence[Subject], *, cfg: dict, cla
                     prediction_type=sd.scheduler.prediction_type, prior_weight=cfg["prior_weight"])
     frozen = {"unet": sd.params["unet"], "ctx_subject": jnp.asarray(ctx[0]), "ctx_prior": jnp.asarray(ctx[1])}
     return NeuronSetup(cfg, spec, paths, frozen, subject, prior, fingerprint_params(sd.params["unet"]),
-                       unet_shapes(sd.params["unet"]), list(subjects))
+                       unet_shapes(sd.params["unet"]))
 
 
 def search(setup: NeuronSetup, *, steps: int, checkpointer: training.Checkpointer | None = None,
@@ -532,7 +523,7 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *,
     if resume and not checkpoint_dir:
         raise NeuronsError("--resume needs --checkpoint-dir (where the checkpoints are)")
     subj = Subject(images_dir, class_word, cfg["identifier"])
-    setup = setup_neurons(model_dir, [subj], cfg=cfg, class_dir=class_dir, dtype=dtype, log=log)
+    setup = setup_neurons(model_dir, subj, cfg=cfg, class_dir=class_dir, dtype=dtype, log=log)
     ckpt = None
     if checkpoint_dir:
         ckpt = training.Checkpointer(checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],

@@ -32,7 +32,7 @@ from cones_jax.config import load_config
 from cones_jax.models.clip_text import CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
-from cones_jax.schedulers import add_noise, alphas_cumprod, training_target
+from cones_jax.schedulers import alphas_cumprod
 
 PRESETS = {"official": "cones2_train_official", "paper": "cones2_train_paper"}
 CHECKPOINT_KIND = "cones2_residual"
@@ -152,10 +152,8 @@ def subject_loss(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.
     Target ε or v per the scheduler's prediction type. Returns the mean over the batch of per-example
     mean squared errors.
     """
-    noisy_BxhxwxC = add_noise(alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
-    pred_BxhxwxC = unet.apply({"params": unet_params}, noisy_BxhxwxC, t_B, cond_BxLxD).astype(jnp.float32)
-    target_BxhxwxC = training_target(prediction_type, alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
-    return jnp.mean(jnp.square(pred_BxhxwxC - target_BxhxwxC))
+    return jnp.mean(training.denoising_errors(unet, unet_params, cond_BxLxD, latents_BxhxwxC, noise_BxhxwxC, t_B,
+                                              alphas_cumprod_T, prediction_type))
 
 
 def preservation_official(tuned_BxLxD: jax.Array, frozen_BxLxD: jax.Array, free_BxL: jax.Array,

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cones_jax.fileio import CheckpointError
+from cones_jax.schedulers import add_noise, training_target
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATA_AXIS = "data"
@@ -238,6 +239,17 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
 
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def denoising_errors(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array,
+                     noise_BxhxwxC: jax.Array, t_B: jax.Array, alphas_cumprod_T: jax.Array,
+                     prediction_type: str) -> jax.Array:
+    """Per-example mean squared error [B] of the UNet's ε or v prediction for latents noised to level t:
+    the denoising loss every trainer here builds on."""
+    noisy_BxhxwxC = add_noise(alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
+    pred_BxhxwxC = unet.apply({"params": unet_params}, noisy_BxhxwxC, t_B, cond_BxLxD).astype(jnp.float32)
+    target_BxhxwxC = training_target(prediction_type, alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
+    return jnp.mean(jnp.square(pred_BxhxwxC - target_BxhxwxC), axis=(1, 2, 3))
 
 
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float = 0.999):

@@ -47,7 +47,7 @@ def setup(tiny):
     root, images, classes = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return neurons.setup_neurons(root, [neurons.Subject(images, "dog", "sks")], cfg=_cfg(), class_dir=classes,
+        return neurons.setup_neurons(root, neurons.Subject(images, "dog", "sks"), cfg=_cfg(), class_dir=classes,
                                      log=lambda s: None)
 
 
@@ -153,7 +153,7 @@ def test_sharded_search_equals_single_device(tiny):
     assert len(jax.devices()) == 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s8 = neurons.setup_neurons(root, [neurons.Subject(images, "dog", "sks")], cfg=_cfg(batch=8),
+        s8 = neurons.setup_neurons(root, neurons.Subject(images, "dog", "sks"), cfg=_cfg(batch=8),
                                    class_dir=classes, log=lambda s: None)
     one = neurons.search(s8, steps=2, progress=False, mesh=training.make_mesh(8, jax.devices()[:1]),
                          log=lambda s: None)[0]

@@ -34,7 +34,7 @@ from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cones_jax.models.vae import AutoencoderKL, VAEConfig
 from cones_jax.residual import TI_TEMPLATES
-from cones_jax.schedulers import SchedulerConfig, add_noise, alphas_cumprod, training_target
+from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
 MAX_LENGTH = 40
 TEXT_WIDTH = 96
@@ -196,9 +196,8 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
         t = jax.random.randint(k_t, (b,), 0, ac_T.shape[0])
         noise = jax.random.normal(k_n, z0.shape)
         ctx = text.apply({"params": params["text_encoder"]}, batch["ids"])["last_hidden_state"]
-        pred = unet.apply({"params": params["unet"]}, add_noise(ac_T, z0, noise, t), t, ctx).astype(jnp.float32)
-        target = training_target("v_prediction", ac_T, z0, noise, t)
-        per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        per_example = training.denoising_errors(unet, params["unet"], ctx, z0, noise, t, ac_T,
+                                                SCHEDULER["prediction_type"])
         mse = jnp.mean(per_example)
         return jnp.mean(min_snr_weight(ac_T, t) * per_example), {"mse": mse}
 

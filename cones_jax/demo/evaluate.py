@@ -167,13 +167,12 @@ def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int
     jobs = [(gen.prepare_layout(sd, lay, cfg), s) for lay in layouts for s in seeds]
     lat = world.IMAGE_SIZE // sd.latent_factor
     out = []
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
-        chunk = chunk + [chunk[-1]] * (batch - len(chunk))
+    for idx, real in gen.padded_chunks(len(jobs), batch):
+        chunk = [jobs[i] for i in idx]
         noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
-        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, jax.random.PRNGKey(start), guided=guided)
+        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, jax.random.PRNGKey(idx[0]), guided=guided)
         images = np.asarray(sampler(sd.params, schedule, inputs))
-        out.extend(gen._to_uint8(img) for img in images[:min(batch, len(jobs) - start)])
+        out.extend(gen._to_uint8(img) for img in images[:real])
     return np.stack(out)
 
 
@@ -190,6 +189,7 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
              steps: int | None = None, residuals: Sequence[bool] = (False, True), log=print) -> list[dict]:
     """One row per (preset, setting, residuals) with the mean scores per number of subjects."""
     cases = list(cases or suite())
+    case_of_image = [c for c in cases for _ in seeds]  # sample_layouts' order
     rows = []
     for preset, (name, (guided, pos, neg)), with_res in itertools.product(presets, SETTINGS.items(), residuals):
         if not guided and preset != presets[0]:
@@ -204,11 +204,11 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
                    for c in cases]
         t0 = time.perf_counter()
         images = sample_layouts(sd, layouts, seeds, cfg, guided=guided)
-        scores = [score_image(detector, img, c) for c, img in zip([c for c in cases for _ in seeds], images)]
+        scores = [score_image(detector, img, c) for c, img in zip(case_of_image, images)]
         row = {"preset": preset if guided else "-", "setting": name, "residuals": with_res,
                "seconds": time.perf_counter() - t0}
         for k in (1, 2, 3, 4):
-            sel = [s for c, s in zip([c for c in cases for _ in seeds], scores) if len(c.names) == k]
+            sel = [s for c, s in zip(case_of_image, scores) if len(c.names) == k]
             if sel:
                 for metric in sel[0]:
                     row[f"{metric}@{k}"] = float(np.mean([s[metric] for s in sel]))
