@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Layout-guided multi-subject sampling (Cones 2).
 
-    python sample.py --layout examples/layouts/two_subjects.json --model /models/sd21-base --seeds 0 1 2 3
+    python sample.py --layout examples/layouts/two_subjects.json                 # the bundled demo model
+    python sample.py --layout examples/layouts/stable_diffusion/two_subjects.json --model /models/sd21-base --seeds 0 1 2 3
 
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
 """

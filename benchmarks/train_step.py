@@ -3,13 +3,15 @@
 
     python benchmarks/train_step.py --config sd21 --batch 1 --resolution 768 --iters 20   # official setting
     python benchmarks/train_step.py --config tiny --resolution 64 --iters 3               # smoke test (CPU)
+    python benchmarks/train_step.py --config sd21-base --resolution 512 --separate        # one framework at a time
 
 Both frameworks run the same random weights (diffusers UNet2DConditionModel + transformers CLIPTextModel,
 seed 0, converted tensor by tensor into our params), the same config (AdamW lr 5e-6, betas (0.9, 0.999),
 eps 1e-8, weight decay 1e-2, global-norm clip 1.0), batch and resolution, and the same loss: L_sub
 (Eq. 2, frozen UNet, the trained encoder's output for the bare word) + the official preservation terms
 (Eq. 3). The UNet is frozen (no grads for its weights in either framework); the whole text encoder is
-trained. Timed calls alternate (jax, torch, jax, ...) so load from other processes hits both alike;
+trained. Timed calls alternate (jax, torch, jax, ...) so load from other processes hits both alike
+(`--separate`: each framework alone in a child process, one after the other, with its peak memory);
 the printed ratio is torch seconds / jax seconds (>1: ours is faster). Compile time is reported apart.
 """
 
@@ -126,37 +128,14 @@ def to_jax(unet_t, text_t, jdtype, remat: bool = False):
     return unet, unet_params, text, text_params
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--config", default="tiny", choices=sorted(TEXT_CONFIGS))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=768, help="pixels; latents are resolution/8")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen UNet dtype (both frameworks)")
-    p.add_argument("--remat", action="store_true",
-                   help="rematerialise UNet and text-encoder layers (ours) / gradient checkpointing (PyTorch)")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", help="also write the result here")
-    args = p.parse_args(argv)
-
-    import torch
+def common_inputs(args):
+    """What both sides share: the bare-word prompt (start, one word token, end, padding), cached
+    latents, the noise schedule and the training config."""
     from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
-    cfg = load_config("cones2_train_official")
-    jdtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
-    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    tdev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    _log(f"building {args.config} UNet + text encoder (seed 0) and converting them")
-    unet_t, text_t = build_models(args.config)
-    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype, remat=args.remat)
     ptype = PREDICTION[args.config]
     sched = SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            prediction_type=ptype))
-    ac = alphas_cumprod(sched).astype(np.float32)
-
-    # Inputs shared by both: the bare-word prompt (start, one word token, end, padding) and cached latents.
     vocab = TEXT_CONFIGS[args.config]["vocab_size"]
     ids_L = np.full((77,), vocab - 1, np.int32)
     ids_L[0], ids_L[1] = vocab - 2, 5
@@ -166,21 +145,40 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     batch = {"mean": rng.standard_normal((args.batch, lat, lat, 4), dtype=np.float32),
              "std": np.full((args.batch, lat, lat, 4), 0.05, np.float32)}
+    return dict(cfg=load_config("cones2_train_official"), ptype=ptype,
+                ac=alphas_cumprod(sched).astype(np.float32), ids_L=ids_L, free_L=free_L, batch=batch)
 
-    # ---- ours
-    frozen_out = residual.encode_prompts(text, text_params, ids_L[None], chunk=1)[0]
-    frozen = {"unet": unet_params, "instance_ids": jnp.asarray(ids_L), "reg_target": jnp.asarray(frozen_out),
-              "reg_free": jnp.asarray(free_L)}
-    spec = residual.LossSpec(text=text, unet=unet, vae_config=VAEConfig(), alphas_cumprod_T=ac, prediction_type=ptype,
-                             reg="official", lambda_start=cfg["lambda_start"], lambda_rest=cfg["lambda_rest"])
+
+def jax_side(args, unet_t, text_t, inp):
+    """Our step, AOT-compiled; returns (runner, compile seconds). Frees nothing of the caller's."""
+    jdtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype, remat=args.remat)
+    cfg, ptype = inp["cfg"], inp["ptype"]
+    frozen_out = residual.encode_prompts(text, text_params, inp["ids_L"][None], chunk=1)[0]
+    frozen = {"unet": unet_params, "instance_ids": jnp.asarray(inp["ids_L"]),
+              "reg_target": jnp.asarray(frozen_out), "reg_free": jnp.asarray(inp["free_L"])}
+    spec = residual.LossSpec(text=text, unet=unet, vae_config=VAEConfig(), alphas_cumprod_T=inp["ac"],
+                             prediction_type=ptype, reg="official", lambda_start=cfg["lambda_start"],
+                             lambda_rest=cfg["lambda_rest"])
     optimizer = training.make_optimizer(cfg)
-    mesh = training.make_mesh(args.batch)
-    step = training.make_train_step(residual.make_loss_fn(spec), optimizer, mesh, frozen)
+    step = training.make_train_step(residual.make_loss_fn(spec), optimizer, training.make_mesh(args.batch), frozen)
     state = step.put_state(training.init_state({"text_encoder": text_params}, optimizer, seed=0))
-    jax_run = JaxRunner(step, state, batch)
+    runner = JaxRunner(step, state, inp["batch"])
     _log(f"jax step compiled in {step.compile_seconds:.1f} s on {jax.devices()[0].device_kind}")
+    mem = step.memory_gib()
+    if mem:
+        _log("jax step buffers (XLA's plan, per device): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
+    return runner, step.compile_seconds
 
-    # ---- PyTorch: the same step as the official trainer does it (frozen UNet, AdamW on the encoder)
+
+def torch_side(args, unet_t, text_t, inp):
+    """The same step as the official trainer does it (frozen UNet, AdamW on the whole encoder);
+    returns (runner, device). Moves the caller's modules."""
+    import torch
+
+    cfg, ptype, free_L = inp["cfg"], inp["ptype"], inp["free_L"]
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tdev = "cuda" if torch.cuda.is_available() else "cpu"
     unet_t = unet_t.to(tdev).eval().requires_grad_(False)
     if tdtype != torch.float32:
         unet_t = unet_t.to(dtype=tdtype)
@@ -190,13 +188,14 @@ def main(argv=None) -> dict:
         (getattr(text_t, "activation_checkpointing_enable", None) or text_t.gradient_checkpointing_enable)()
     opt = torch.optim.AdamW(text_t.parameters(), lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
-    ids_t = torch.from_numpy(ids_L.astype(np.int64))[None].repeat(args.batch, 1).to(tdev)
+    ids_t = torch.from_numpy(inp["ids_L"].astype(np.int64))[None].repeat(args.batch, 1).to(tdev)
     keep_t = torch.from_numpy(~free_L).to(tdev)
     keep_t[0] = False
-    target_t = torch.from_numpy(frozen_out).to(tdev)
-    ac_t = torch.from_numpy(ac).to(tdev)
-    mean_t = torch.from_numpy(batch["mean"].transpose(0, 3, 1, 2).copy()).to(tdev)
-    std_t = torch.from_numpy(batch["std"].transpose(0, 3, 1, 2).copy()).to(tdev)
+    with torch.no_grad():  # the frozen encoder's output: the encoder before its first update
+        target_t = text_t(ids_t[:1])[0][0].detach().clone()
+    ac_t = torch.from_numpy(inp["ac"]).to(tdev)
+    mean_t = torch.from_numpy(inp["batch"]["mean"].transpose(0, 3, 1, 2).copy()).to(tdev)
+    std_t = torch.from_numpy(inp["batch"]["std"].transpose(0, 3, 1, 2).copy()).to(tdev)
 
     def torch_run():
         noisy, t, target = torch_noised(mean_t, std_t, ac_t, ptype)
@@ -212,14 +211,116 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())  # synchronises, as the jax side's float() does
 
-    jt, tt = alternate(jax_run, torch_run, args.warmup, args.iters)
-    result = dict(config=args.config, batch=args.batch, resolution=args.resolution, dtype=args.dtype, remat=args.remat,
-                  device=f"{jax.devices()[0].platform}/{jax.devices()[0].device_kind}", torch_device=tdev,
-                  jax_compile_s=round(step.compile_seconds, 2), jax_median_s=statistics.median(jt),
-                  torch_median_s=statistics.median(tt), iters=args.iters,
-                  jax_version=jax.__version__, torch_version=torch.__version__)
+    return torch_run, tdev
+
+
+def timed(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_phase(args) -> dict:
+    """One framework alone in this process (`--phase`); returns its timings and peak memory."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    inp = common_inputs(args)
+    unet_t, text_t = build_models(args.config)
+    out = dict(phase=args.phase)
+    if args.phase == "jax":
+        runner, out["compile_s"] = jax_side(args, unet_t, text_t, inp)
+        del unet_t, text_t
+        gc.collect()
+    else:
+        runner, out["torch_device"] = torch_side(args, unet_t, text_t, inp)
+    out["times"] = timed(runner, args.warmup, args.iters)
+    out["peak_rss_gb"] = peak_rss_gb()
+    if args.phase == "torch" and out["torch_device"] == "cuda":
+        out["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_separately(args, argv) -> dict:
+    """Each framework in its own child process, one after the other: for sizes where both side by
+    side do not fit in memory. Also reports each one's peak resident memory."""
+    import subprocess
+    import tempfile
+
+    phases = {}
+    for phase in ("jax", "torch"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "phase.json")
+            child = [a for a in argv if a != "--separate"] + ["--phase", phase, "--json", path]
+            _log(f"{phase} alone in a child process")
+            subprocess.run([sys.executable, os.path.abspath(__file__)] + child, check=True)
+            with open(path) as f:
+                phases[phase] = json.load(f)
+    return phases
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--config", default="tiny", choices=sorted(TEXT_CONFIGS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=768, help="pixels; latents are resolution/8")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen UNet dtype (both frameworks)")
+    p.add_argument("--remat", action="store_true",
+                   help="rematerialise UNet and text-encoder layers (ours) / gradient checkpointing (PyTorch)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--separate", action="store_true",
+                   help="run each framework alone in a child process, one after the other (not alternating), "
+                        "and report each one's peak memory: for sizes where both do not fit together")
+    p.add_argument("--phase", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the result here")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.phase:
+        out = run_phase(args)
+        with open(args.json, "w") as f:
+            json.dump(out, f)
+        return out
+
+    result = dict(config=args.config, batch=args.batch, resolution=args.resolution, dtype=args.dtype,
+                  remat=args.remat, device=f"{jax.devices()[0].platform}/{jax.devices()[0].device_kind}",
+                  iters=args.iters, jax_version=jax.__version__, torch_version=torch.__version__)
+    if args.separate:
+        phases = run_separately(args, argv)
+        jt, tt = phases["jax"]["times"], phases["torch"]["times"]
+        result.update(jax_compile_s=round(phases["jax"]["compile_s"], 2), torch_device=phases["torch"]["torch_device"],
+                      jax_peak_rss_gb=round(phases["jax"]["peak_rss_gb"], 2),
+                      torch_peak_rss_gb=round(phases["torch"]["peak_rss_gb"], 2), timing="separate")
+        print(f"peak resident memory: jax {result['jax_peak_rss_gb']:.1f} GiB, "
+              f"torch {result['torch_peak_rss_gb']:.1f} GiB")
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        _log(f"building {args.config} UNet + text encoder (seed 0) and converting them")
+        inp = common_inputs(args)
+        unet_t, text_t = build_models(args.config)
+        jax_run, compile_s = jax_side(args, unet_t, text_t, inp)
+        torch_run, tdev = torch_side(args, unet_t, text_t, inp)
+        jt, tt = alternate(jax_run, torch_run, args.warmup, args.iters)
+        result.update(jax_compile_s=round(compile_s, 2), torch_device=tdev, timing="alternating")
+    result.update(jax_median_s=statistics.median(jt), torch_median_s=statistics.median(tt))
     return report(result, f"{args.config}, batch {args.batch}, {args.resolution} px, {args.dtype}"
-                          f"{', remat' if args.remat else ''}, {result['device']}", args.json)
+                          f"{', remat' if args.remat else ''}, {result['device']}, {result['timing']}", args.json)
 
 
 def report(result: dict, label: str, json_path: str | None) -> dict:

@@ -1,7 +1,7 @@
 """Layout-guided multi-subject generation (Cones 2 inference): what `sample.py` does, importable.
 
     from cones_jax.generate import generate
-    paths = generate("examples/layouts/two_subjects.json", model="/models/sd21-base",
+    paths = generate("examples/layouts/stable_diffusion/two_subjects.json", model="/models/sd21-base",
                      out_dir="outputs", seeds=[0, 1, 2, 3], preset="official")
 
 Steps: layout file -> token positions and residual rows (Eq. 6) -> per-resolution γ maps ->

@@ -303,6 +303,15 @@ class TrainStep:
         self._compiled = self._jitted.lower(state, self.frozen, batch).compile()
         self.compile_seconds = time.perf_counter() - t0
 
+    def memory_gib(self) -> dict[str, float] | None:
+        """The compiled step's buffers per device, in GiB, as XLA planned them: arguments (state,
+        frozen models, batch), outputs, and temporaries (activations kept for the backward pass,
+        gradients); None where the backend does not say."""
+        analysis = self._compiled.memory_analysis() if self._compiled is not None else None
+        if analysis is None:
+            return None
+        return {k: getattr(analysis, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "temp")}
+
     def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
         if self._compiled is None:
             self.compile(state, batch)

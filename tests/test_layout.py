@@ -16,6 +16,9 @@ from tiny_checkpoints import make_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(os.path.dirname(HERE), "examples", "layouts")
+SD_EXAMPLES = os.path.join(EXAMPLES, "stable_diffusion")
+EXAMPLE_FILES = sorted(os.path.relpath(p, EXAMPLES) for p in glob.glob(os.path.join(EXAMPLES, "**", "*.json"),
+                                                                        recursive=True))
 RESOLUTIONS = [(64, 64), (32, 32), (16, 16), (8, 8)]  # a 512x512 image, latent /1, /2, /4, /8
 NEG = -1e8
 
@@ -269,7 +272,7 @@ def test_official_config(tmp_path, tok):
 
 
 def test_official_example_file(tok):
-    lay = L.load_layout(os.path.join(EXAMPLES, "official_format.json"), tokenizer=tok)
+    lay = L.load_layout(os.path.join(SD_EXAMPLES, "official_format.json"), tokenizer=tok)
     assert [s.token_indices for s in lay.subjects] == [(2,), (5,)]
 
 
@@ -279,7 +282,7 @@ def test_yaml(tmp_path):
     assert L.load_layout(str(tmp_path / "l.yaml")).subjects[0].box == (0, 0, 0.5, 0.5)
 
 
-@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.json"))))
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
 def test_examples_load_and_draw(name, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -290,10 +293,10 @@ def test_examples_load_and_draw(name, tok):
     assert img.size == (128, 128) and np.asarray(img).any()
 
 
-def test_example_counts():
-    counts = {os.path.basename(p): len(L.load_layout(p).subjects) for p in glob.glob(os.path.join(EXAMPLES, "*.json"))}
-    assert {counts[f] for f in ("one_subject.json", "two_subjects.json", "three_subjects.json",
-                                "four_subjects.json")} == {1, 2, 3, 4}
+@pytest.mark.parametrize("folder", [EXAMPLES, SD_EXAMPLES])
+def test_example_counts(folder):
+    names = ("one_subject.json", "two_subjects.json", "three_subjects.json", "four_subjects.json")
+    assert [len(L.load_layout(os.path.join(folder, f)).subjects) for f in names] == [1, 2, 3, 4]
 
 
 def test_draw_layout_outlines_in_distinct_colours():

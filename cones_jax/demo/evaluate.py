@@ -186,12 +186,15 @@ SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
 
 def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
              residual_dir: str = os.path.join(DEMO_WORLD, "residuals"), cases: Sequence[Case] | None = None,
-             steps: int | None = None, residuals: Sequence[bool] = (False, True), log=print) -> list[dict]:
-    """One row per (preset, setting, residuals) with the mean scores per number of subjects."""
+             steps: int | None = None, residuals: Sequence[bool] = (False, True),
+             settings: Sequence[str] = tuple(SETTINGS), log=print) -> list[dict]:
+    """One row per (preset, setting, residuals) with the mean scores per number of subjects;
+    `settings` picks rows of SETTINGS."""
     cases = list(cases or suite())
     case_of_image = [c for c in cases for _ in seeds]  # sample_layouts' order
     rows = []
-    for preset, (name, (guided, pos, neg)), with_res in itertools.product(presets, SETTINGS.items(), residuals):
+    for preset, name, with_res in itertools.product(presets, settings, residuals):
+        guided, pos, neg = SETTINGS[name]
         if not guided and preset != presets[0]:
             continue  # no guidance is the same for every preset
         cfg = load_config(preset)
