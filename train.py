@@ -4,6 +4,8 @@
     python train.py residual --model /models/sd21 --images photos/dog --word dog --out dog.safetensors
     python train.py residual --word dog --out dog.safetensors --import-official residual.pt --allow-pickle
     python train.py neurons --model /models/sd15 --images photos/dog --class dog --out dog.cones
+    python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
+        --images photos/dog photos/cat --out dog_cat.cones
 
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
 """
@@ -68,11 +70,35 @@ def _neurons_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
 
 
+def _joint_parser(sub) -> None:
+    p = sub.add_parser("neurons-joint", help="Cones Sec. 3.3: fine-tune the union of several subjects' neurons",
+                       description="Re-run the concept-neuron search with the summed loss of all subjects, "
+                                   "restricted to the union of their neurons (Cones, Sec. 3.3).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--neurons", nargs="+", required=True, help="the subjects' .cones files (from train.py neurons)")
+    p.add_argument("--images", nargs="+", required=True, help="each subject's photo folder, in the same order")
+    p.add_argument("--class-images", nargs="+", help="each subject's class-image folder, in the same order")
+    p.add_argument("--out", required=True, help="concept-neuron file to write (.cones), holding all subjects")
+    p.add_argument("--config", help="a config file (.py with get_config()); default configs/cones1_train.py")
+    p.add_argument("--steps", type=int, help="steps of gradient descent on ξ")
+    p.add_argument("--rho", type=float)
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="keep the union's neurons with joint M_p > τ (default: joint_tau)")
+    sel.add_argument("--keep", type=float, help="or keep this fraction of the union, by joint score")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     _residual_parser(sub)
     _neurons_parser(sub)
+    _joint_parser(sub)
     return p.parse_args(argv)
 
 
@@ -110,11 +136,22 @@ def run_neurons(args) -> None:
                   overrides=dict(parse_override(s) for s in args.set))
 
 
+def run_joint(args) -> None:
+    from cones_jax.config import parse_override
+    from cones_jax.generate import default_model
+    from cones_jax.neurons import finetune_union
+
+    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, config=args.config,
+                   steps=args.steps, rho=args.rho, tau=args.tau, keep=args.keep, batch=args.batch,
+                   class_dirs=args.class_images, dtype=args.dtype, overwrite=args.overwrite,
+                   progress=not args.no_progress, overrides=dict(parse_override(s) for s in args.set))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from cones_jax.cli import run_cli
 
-    commands = {"residual": run_residual, "neurons": run_neurons}
+    commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
     return run_cli(lambda: commands[args.command](args))
 
 

@@ -12,8 +12,8 @@ The subject is rendered by the model with those weights set to zero.
 
 Only ξ is optimised: it is its own small pytree, and the UNet is a frozen argument of the jitted
 step. `restrict_updates` (an optax transformation with an elementwise mask, `search(allowed=...)`)
-confines a search to a subset of the weights, e.g. to the union of several subjects' neurons for
-the joint fine-tune of Sec. 3.3, which has no command yet.
+confines a search to a subset of the weights: `finetune_union` (Sec. 3.3) re-runs it with the
+summed loss of several subjects over the union of their neurons and keeps the union's best.
 
 A `.cones` file (safetensors) holds, per searched tensor, the sorted flat indices of its shut
 neurons, compressed (delta-coded varints or a bitmap, deflated, whichever is smaller), and the
@@ -98,7 +98,8 @@ def xi_of(offsets: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def restrict_updates(allowed: dict[str, Any] | None) -> optax.GradientTransformation:
-    """Zeroes the updates of ξ outside `allowed` (elementwise 0/1 masks per tensor); None allows all."""
+    """Zeroes the updates of ξ outside `allowed` ({path: elementwise 0/1 mask}); None allows all.
+    Acts on the search's params tree, {"xi_offset": {path: ξ − 1}}."""
 
     def init(params):
         del params
@@ -108,7 +109,7 @@ def restrict_updates(allowed: dict[str, Any] | None) -> optax.GradientTransforma
         del params
         if allowed is None:
             return updates, state
-        return {k: u * allowed[k] for k, u in updates.items()}, state
+        return {"xi_offset": {k: u * allowed[k] for k, u in updates["xi_offset"].items()}}, state
 
     return optax.GradientTransformation(init, update)
 
@@ -134,6 +135,18 @@ class LossSpec:
     prior_weight: float = 1.0  # λ
 
 
+def concept_errors(spec: LossSpec, xi_offset: dict, unet_params, ctx_NxLxD: jax.Array, mean: jax.Array,
+                   std: jax.Array, rng: jax.Array) -> jax.Array:
+    """Per-example denoising errors of latents drawn from N(mean, std²), under the kernels ξ⊙θ."""
+    ac_T = jnp.asarray(spec.alphas_cumprod_T, jnp.float32)
+    k_lat, k_noise, k_t = jax.random.split(rng, 3)
+    latents = scale_latents(spec.vae_config, mean + std * jax.random.normal(k_lat, mean.shape))
+    noise = jax.random.normal(k_noise, latents.shape)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, ac_T.shape[0])
+    return training.denoising_errors(spec.unet, scale_params(unet_params, xi_of(xi_offset)), ctx_NxLxD, latents,
+                                     noise, t, ac_T, spec.prediction_type)
+
+
 def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """Cones, Eq. 4: L_con = L_sub + λ·L_pr.
 
@@ -141,20 +154,36 @@ def concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, rng: j
     L_pr: the same on class images with the class prompt ("photo of a dog"). Both halves go through
     one UNet call. params = {"xi_offset": {path: ξ − 1}}; frozen = {"unet", "ctx_subject" [L, D], "ctx_prior"}.
     """
-    ac_T = jnp.asarray(spec.alphas_cumprod_T, jnp.float32)
-    k_lat, k_noise, k_t = jax.random.split(rng, 3)
     mean = jnp.concatenate([batch["mean"], batch["prior_mean"]])
     std = jnp.concatenate([batch["std"], batch["prior_std"]])
     b = batch["mean"].shape[0]
-    latents = scale_latents(spec.vae_config, mean + std * jax.random.normal(k_lat, mean.shape))
-    noise = jax.random.normal(k_noise, latents.shape)
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, ac_T.shape[0])
     ctx = jnp.concatenate([jnp.broadcast_to(frozen["ctx_subject"], (b,) + frozen["ctx_subject"].shape),
-                           jnp.broadcast_to(frozen["ctx_prior"], (latents.shape[0] - b,) + frozen["ctx_prior"].shape)])
-    unet_params = scale_params(frozen["unet"], xi_of(params["xi_offset"]))
-    err = training.denoising_errors(spec.unet, unet_params, ctx, latents, noise, t, ac_T, spec.prediction_type)
+                           jnp.broadcast_to(frozen["ctx_prior"], (mean.shape[0] - b,) + frozen["ctx_prior"].shape)])
+    err = concept_errors(spec, params["xi_offset"], frozen["unet"], ctx, mean, std, rng)
     l_sub, l_pr = jnp.mean(err[:b]), jnp.mean(err[b:])
     return l_sub + spec.prior_weight * l_pr, {"loss_sub": l_sub, "loss_prior": l_pr}
+
+
+def joint_concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict,
+                       rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Cones, Sec. 3.3: the multi-concept-implanting loss, Σ_s L_con^s (Eq. 4 per subject s).
+
+    Every subject's and class's latents go through one UNet call. batch arrays are [B, S, ...] (the
+    batch axis first, so it shards as any batch); frozen = {"unet", "ctx_subject" [S, L, D], "ctx_prior"}.
+    With S = 1 this is `concept_loss`, draw for draw.
+    """
+    b, n_subj = batch["mean"].shape[:2]
+
+    def subject_major(x):  # [B, S, ...] -> [S*B, ...]
+        return jnp.swapaxes(x, 0, 1).reshape((n_subj * b,) + x.shape[2:])
+
+    mean = jnp.concatenate([subject_major(batch["mean"]), subject_major(batch["prior_mean"])])
+    std = jnp.concatenate([subject_major(batch["std"]), subject_major(batch["prior_std"])])
+    ctx = jnp.concatenate([jnp.repeat(frozen["ctx_subject"], b, axis=0), jnp.repeat(frozen["ctx_prior"], b, axis=0)])
+    err = concept_errors(spec, params["xi_offset"], frozen["unet"], ctx, mean, std, rng)
+    l_sub = jnp.mean(err[:n_subj * b].reshape(n_subj, b), axis=1)
+    l_pr = jnp.mean(err[n_subj * b:].reshape(n_subj, b), axis=1)
+    return jnp.sum(l_sub + spec.prior_weight * l_pr), {"loss_sub": jnp.mean(l_sub), "loss_prior": jnp.mean(l_pr)}
 
 
 def make_loss_fn(spec: LossSpec) -> training.LossFn:
@@ -448,12 +477,13 @@ def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[
 
 
 def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | None = None,
-                  dtype: str = "fp32", log: Callable[[str], None] = print) -> NeuronSetup:
-    """Loads the model, encodes subject and class images once, precomputes the two prompt encodings."""
+                  dtype: str = "fp32", log: Callable[[str], None] = print, sd=None) -> NeuronSetup:
+    """Loads the model (unless `sd`, a loaded pipeline, is given), encodes subject and class images
+    once, precomputes the two prompt encodings."""
     from cones_jax.pipeline import fingerprint_params, load_pipeline
     from cones_jax.residual import encode_prompts
 
-    sd = load_pipeline(model_dir, dtype=dtype)
+    sd = sd if sd is not None else load_pipeline(model_dir, dtype=dtype)
     tok = sd.tokenizer
     for word, what in ((subj.class_word, "--class"), (subj.identifier, "--identifier")):
         tok.word_ids(word.strip())  # raises on a word that tokenises to nothing
@@ -485,7 +515,33 @@ def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | 
                        unet_shapes(sd.params["unet"]))
 
 
-def search(setup: NeuronSetup, *, steps: int, checkpointer: training.Checkpointer | None = None,
+@dataclasses.dataclass
+class JointSetup:
+    """Several subjects' searches as one (Sec. 3.3): the same UNet and searched kernels, every
+    subject's batch in each step, the summed loss."""
+
+    setups: list[NeuronSetup]
+
+    def __post_init__(self):
+        first = self.setups[0]
+        self.cfg, self.paths, self.fingerprint, self.shapes = first.cfg, first.paths, first.fingerprint, first.shapes
+        self.spec = first.spec
+        self.frozen = {"unet": first.frozen["unet"],
+                       "ctx_subject": jnp.stack([s.frozen["ctx_subject"] for s in self.setups]),
+                       "ctx_prior": jnp.stack([s.frozen["ctx_prior"] for s in self.setups])}
+
+    def initial_params(self) -> dict:
+        return self.setups[0].initial_params()
+
+    def host_batch(self, step: int) -> dict:
+        parts = [s.host_batch(step) for s in self.setups]
+        return {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
+
+    def loss_fn(self) -> training.LossFn:
+        return lambda params, frozen, batch, rng: joint_concept_loss(self.spec, params, frozen, batch, rng)
+
+
+def search(setup: NeuronSetup | JointSetup, *, steps: int, checkpointer: training.Checkpointer | None = None,
            resume: bool = False, progress: bool = True, allowed: dict | None = None, mesh=None,
            log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[dict]]:
     """K steps of gradient descent on ξ; returns the scores M_p per tensor and the step metrics."""
@@ -548,6 +604,77 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *,
     save_neurons(out, cn)
     log(f"wrote {out}: {cn.count} concept neurons of {cn.searched} searched weights "
         f"({100 * cn.count / cn.searched:.3f}%), {os.path.getsize(out) / 1024:.1f} KiB")
+    return cn
+
+
+def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str, *,
+                   config: str | None = None, steps: int | None = None, rho: float | None = None,
+                   tau: float | None = None, keep: float | None = None, batch: int | None = None,
+                   class_dirs: Sequence[str] | None = None, dtype: str = "fp32", overwrite: bool = False,
+                   progress: bool = True, overrides: dict | None = None, history: list | None = None,
+                   log: Callable[[str], None] | None = None) -> ConceptNeurons:
+    """Cones, Sec. 3.3: re-runs the search on ξ with the summed loss of all subjects, updating ξ only at
+    the union of their concept neurons (an optax mask), and keeps the union's neurons whose joint score
+    M_p exceeds τ (default `joint_tau`: those whose shutting lowers the summed loss to first order), or
+    the top `keep` fraction of the union by that score. Each subject's class word and identifier come
+    from its .cones file; writes `out` atomically."""
+    from cones_jax.pipeline import load_pipeline
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    _check_out(out, overwrite)
+    if len(neuron_paths) < 2:
+        raise NeuronsError("--neurons needs the files of at least two subjects")
+    if len(images_dirs) != len(neuron_paths):
+        raise NeuronsError(f"--images names {len(images_dirs)} folder(s) for {len(neuron_paths)} --neurons file(s); "
+                           "give one folder of photos per file, in the same order")
+    if class_dirs and len(class_dirs) != len(neuron_paths):
+        raise NeuronsError(f"--class-images names {len(class_dirs)} folder(s) for {len(neuron_paths)} subjects")
+    if tau is not None and keep is not None:
+        raise NeuronsError("give --tau or --keep, not both")
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise NeuronsError(f"--keep must be in (0, 1], got {keep}")
+    cfg = load_train_config(config, dict(overrides or {}, steps=steps, rho=rho, batch=batch))
+    if tau is None and keep is None:
+        tau = cfg["joint_tau"]
+    sd = load_pipeline(model_dir, dtype=dtype)
+    sets = load_for_model(neuron_paths, sd.params["unet"])
+    setups = []
+    for k, (cn, images) in enumerate(zip(sets, images_dirs)):
+        if len(cn.identifiers) != 1:
+            raise NeuronsError(f"{cn.path} holds {len(cn.identifiers)} subjects; give single-subject files")
+        subj = Subject(images, cn.classes[0], cn.identifiers[0])
+        setups.append(setup_neurons(model_dir, subj, cfg=cfg, class_dir=class_dirs[k] if class_dirs else None,
+                                    log=log, sd=sd))
+    joint = JointSetup(setups)
+    shut = union(sets)
+    outside = sorted(set(shut) - set(joint.paths))
+    if outside:
+        raise NeuronsError(f"{outside[0]} holds concept neurons but is not searched by this config's patterns; "
+                           "use the config the files were made with (--config)")
+    allowed = {k: 1.0 - m for k, m in masks({k: shut.get(k, np.zeros(0, np.int64)) for k in joint.paths},
+                                            joint.shapes).items()}
+    scores, hist = search(joint, steps=cfg["steps"], progress=progress, allowed=allowed, log=log)
+    if history is not None:
+        history.extend(hist)
+    in_union = {k: v.ravel()[shut[k]] if k in shut else np.zeros(0, v.dtype) for k, v in scores.items()}
+    if tau is None:
+        ranked = np.sort(np.concatenate(list(in_union.values())))[::-1]
+        n_keep = max(1, int(round(keep * ranked.size)))
+        tau = float(ranked[n_keep] if n_keep < ranked.size else ranked[-1] - 1.0)
+        tau = (tau + float(ranked[n_keep - 1])) / 2 if n_keep < ranked.size else tau
+    indices = {k: np.asarray(shut[k], np.int64)[in_union[k] > tau] if k in shut else np.zeros(0, np.int64)
+               for k in scores}
+    if not sum(len(v) for v in indices.values()):
+        raise NeuronsError(f"tau {tau:g} keeps none of the union's neurons (the largest joint score is "
+                           f"{max(float(v.max()) for v in in_union.values() if v.size):g}); lower --tau or use --keep")
+    cn = ConceptNeurons(indices, {k: joint.shapes[k] for k in joint.paths},
+                        tuple(c.identifiers[0] for c in sets), tuple(c.classes[0] for c in sets), joint.fingerprint,
+                        {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"],
+                         "joint_of": ",".join(os.path.basename(p) for p in neuron_paths)}, out)
+    _check_out(out, overwrite)
+    save_neurons(out, cn)
+    log(f"wrote {out}: {cn.count} of the union's {sum(len(v) for v in shut.values())} concept neurons kept "
+        f"after {cfg['steps']} joint steps, {os.path.getsize(out) / 1024:.1f} KiB")
     return cn
 
 

@@ -25,6 +25,7 @@ def get_config():
         batch=2,                               # subject images per step (and as many class images)
         tau=None,                              # M_p > τ ...
         sparsity=1e-3,                         # ... or τ chosen to shut this fraction of searched weights
+        joint_tau=0.0,                         # Sec. 3.3 fine-tune of a union: keep its neurons with joint M_p > τ
         resolution=None,                       # None: the model's native size
         crop="center",
         seed=0,

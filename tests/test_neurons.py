@@ -229,3 +229,65 @@ def test_cli_search_then_sample(tiny, tmp_path, capsys):
     rc = sample_cli.main(base + ["--out", str(tmp_path / "x"), "--neurons", str(tmp_path / "missing.cones")])
     errs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errs) == 1 and not os.path.exists(tmp_path / "x")
+
+
+def test_joint_loss_of_one_subject_is_its_concept_loss(setup):
+    """Sec. 3.3's summed loss over S = 1 subject is Eq. 4, draw for draw."""
+    joint = neurons.JointSetup([setup])
+    params = setup.initial_params()
+    rng = jax.random.PRNGKey(3)
+    one, _ = neurons.concept_loss(setup.spec, params, setup.frozen, setup.host_batch(0), rng)
+    summed, _ = neurons.joint_concept_loss(setup.spec, params, joint.frozen, joint.host_batch(0), rng)
+    np.testing.assert_allclose(float(summed), float(one), rtol=1e-6)
+
+
+def test_joint_finetune_stays_in_the_union(tiny, tmp_path, capsys):
+    """Two subjects searched apart, then fine-tuned together (Sec. 3.3): ξ moves only at the union of
+    their neurons, the kept set is the top of the union by joint score, and the CLI writes one file
+    holding both subjects; bad input is one line each."""
+    root, images, classes = tiny
+    cat_images = _images(str(tmp_path / "cat"), 2, 5)
+    common = ["--steps", "2", "--sparsity", "0.01", "--class-images", classes, "--no-progress",
+              "--set", "resolution=32"]
+    a, b = str(tmp_path / "dog.cones"), str(tmp_path / "cat.cones")
+    assert train_cli.main(["neurons", "--model", root, "--images", images, "--class", "dog", "--out", a] + common) == 0
+    assert train_cli.main(["neurons", "--model", root, "--images", cat_images, "--class", "cat", "--identifier",
+                           "xyz", "--out", b] + common) == 0
+    sets = [neurons.load_neurons(a), neurons.load_neurons(b)]
+    shut = neurons.union(sets)
+
+    # the restricted search itself: zero scores outside the union, moving ones inside
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setups = [neurons.setup_neurons(root, neurons.Subject(img, cls, ident), cfg=_cfg(), class_dir=classes,
+                                        log=lambda s: None)
+                  for img, cls, ident in ((images, "dog", "sks"), (cat_images, "cat", "xyz"))]
+    joint = neurons.JointSetup(setups)
+    allowed = {k: 1.0 - m for k, m in neurons.masks({k: shut.get(k, np.zeros(0, np.int64)) for k in joint.paths},
+                                                    joint.shapes).items()}
+    scores, _ = neurons.search(joint, steps=2, progress=False, allowed=allowed, log=lambda s: None)
+    for k, v in scores.items():
+        inside = np.zeros(v.size, bool)
+        inside[shut.get(k, [])] = True
+        assert np.all(v.ravel()[~inside] == 0), k
+    assert sum(np.count_nonzero(v.ravel()[shut[k]]) for k, v in scores.items() if k in shut) > 0
+
+    out = str(tmp_path / "dog_cat.cones")
+    argv = ["neurons-joint", "--model", root, "--neurons", a, b, "--images", images, cat_images,
+            "--class-images", classes, classes, "--out", out, "--steps", "2", "--keep", "0.5", "--no-progress",
+            "--set", "resolution=32"]
+    assert train_cli.main(argv) == 0, capsys.readouterr().err
+    cn = neurons.load_neurons(out)
+    n_union = sum(len(v) for v in shut.values())
+    assert cn.identifiers == ("sks", "xyz") and cn.classes == ("dog", "cat")
+    assert abs(cn.count - n_union / 2) <= 1
+    for k, v in cn.indices.items():
+        assert np.isin(v, shut.get(k, [])).all(), k
+    capsys.readouterr()
+    for bad, msg in ((["--neurons", a, "--images", images], "at least two"),
+                     (["--neurons", a, b, "--images", images], "one folder of photos per file")):
+        rc = train_cli.main(["neurons-joint", "--model", root, "--out", str(tmp_path / "bad.cones"), "--no-progress"]
+                            + bad)
+        errs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errs) == 1 and msg in errs[0], errs
+        assert not os.path.exists(tmp_path / "bad.cones")
