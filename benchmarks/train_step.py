@@ -57,6 +57,14 @@ def _log(msg: str) -> None:
     print(f"[train_step {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def seconds(fn, settle: float = 0.0) -> float:
+    """Wall time of one call of `fn`, after sleeping `settle` seconds."""
+    time.sleep(settle)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def alternate(jax_run, torch_run, warmup: int, iters: int) -> tuple[list[float], list[float]]:
     """Seconds of each timed call, the two frameworks alternating (after `warmup` untimed rounds)."""
     for _ in range(warmup):
@@ -64,11 +72,8 @@ def alternate(jax_run, torch_run, warmup: int, iters: int) -> tuple[list[float],
         torch_run()
     jt, tt = [], []
     for _ in range(iters):
-        for fn, times in ((jax_run, jt), (torch_run, tt)):
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        jt.append(seconds(jax_run, SETTLE_S))
+        tt.append(seconds(torch_run, SETTLE_S))
     return jt, tt
 
 
@@ -214,17 +219,6 @@ def torch_side(args, unet_t, text_t, inp):
     return torch_run, tdev
 
 
-def timed(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def peak_rss_gb() -> float:
     import resource
 
@@ -237,7 +231,6 @@ def run_phase(args) -> dict:
 
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
     inp = common_inputs(args)
     unet_t, text_t = build_models(args.config)
     out = dict(phase=args.phase)
@@ -247,7 +240,9 @@ def run_phase(args) -> dict:
         gc.collect()
     else:
         runner, out["torch_device"] = torch_side(args, unet_t, text_t, inp)
-    out["times"] = timed(runner, args.warmup, args.iters)
+    for _ in range(args.warmup):
+        runner()
+    out["times"] = [seconds(runner) for _ in range(args.iters)]
     out["peak_rss_gb"] = peak_rss_gb()
     if args.phase == "torch" and out["torch_device"] == "cuda":
         out["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -292,6 +287,7 @@ def main(argv=None) -> dict:
 
     import torch
 
+    torch.set_num_threads(os.cpu_count() or 1)
     if args.phase:
         out = run_phase(args)
         with open(args.json, "w") as f:
@@ -310,7 +306,6 @@ def main(argv=None) -> dict:
         print(f"peak resident memory: jax {result['jax_peak_rss_gb']:.1f} GiB, "
               f"torch {result['torch_peak_rss_gb']:.1f} GiB")
     else:
-        torch.set_num_threads(os.cpu_count() or 1)
         _log(f"building {args.config} UNet + text encoder (seed 0) and converting them")
         inp = common_inputs(args)
         unet_t, text_t = build_models(args.config)

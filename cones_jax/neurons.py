@@ -392,6 +392,13 @@ def masks(indices: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) ->
     return out
 
 
+def only_at(indices: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The complement of `masks`: 1 at the indices, 0 elsewhere, for every tensor of `shapes` (e.g.
+    where a joint fine-tune may move ξ: the union of several subjects' neurons)."""
+    return {k: 1.0 - m for k, m in masks({k: indices.get(k, np.zeros(0, np.int64)) for k in shapes},
+                                         shapes).items()}
+
+
 def unet_shapes(unet_params) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): tuple(v.shape) for k, v in flatten(unet_params).items()}
 
@@ -651,23 +658,20 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     if outside:
         raise NeuronsError(f"{outside[0]} holds concept neurons but is not searched by this config's patterns; "
                            "use the config the files were made with (--config)")
-    allowed = {k: 1.0 - m for k, m in masks({k: shut.get(k, np.zeros(0, np.int64)) for k in joint.paths},
-                                            joint.shapes).items()}
+    searched = {k: joint.shapes[k] for k in joint.paths}
+    allowed = only_at(shut, searched)
     scores, hist = search(joint, steps=cfg["steps"], progress=progress, allowed=allowed, log=log)
     if history is not None:
         history.extend(hist)
     in_union = {k: v.ravel()[shut[k]] if k in shut else np.zeros(0, v.dtype) for k, v in scores.items()}
-    if tau is None:
-        ranked = np.sort(np.concatenate(list(in_union.values())))[::-1]
-        n_keep = max(1, int(round(keep * ranked.size)))
-        tau = float(ranked[n_keep] if n_keep < ranked.size else ranked[-1] - 1.0)
-        tau = (tau + float(ranked[n_keep - 1])) / 2 if n_keep < ranked.size else tau
+    if tau is None:  # --keep: the top fraction of the union, as --sparsity picks it from all searched weights
+        tau = -np.inf if keep == 1.0 else tau_for_sparsity(in_union, keep)
     indices = {k: np.asarray(shut[k], np.int64)[in_union[k] > tau] if k in shut else np.zeros(0, np.int64)
                for k in scores}
     if not sum(len(v) for v in indices.values()):
         raise NeuronsError(f"tau {tau:g} keeps none of the union's neurons (the largest joint score is "
                            f"{max(float(v.max()) for v in in_union.values() if v.size):g}); lower --tau or use --keep")
-    cn = ConceptNeurons(indices, {k: joint.shapes[k] for k in joint.paths},
+    cn = ConceptNeurons(indices, searched,
                         tuple(c.identifiers[0] for c in sets), tuple(c.classes[0] for c in sets), joint.fingerprint,
                         {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"],
                          "joint_of": ",".join(os.path.basename(p) for p in neuron_paths)}, out)

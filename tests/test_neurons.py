@@ -263,8 +263,7 @@ def test_joint_finetune_stays_in_the_union(tiny, tmp_path, capsys):
                                         log=lambda s: None)
                   for img, cls, ident in ((images, "dog", "sks"), (cat_images, "cat", "xyz"))]
     joint = neurons.JointSetup(setups)
-    allowed = {k: 1.0 - m for k, m in neurons.masks({k: shut.get(k, np.zeros(0, np.int64)) for k in joint.paths},
-                                                    joint.shapes).items()}
+    allowed = neurons.only_at(shut, {k: joint.shapes[k] for k in joint.paths})
     scores, _ = neurons.search(joint, steps=2, progress=False, allowed=allowed, log=lambda s: None)
     for k, v in scores.items():
         inside = np.zeros(v.size, bool)
