@@ -64,6 +64,15 @@ def test_export_loads_in_diffusers_and_matches(tmp_path):
     base_model.export(out, unet_params=up, text_params=tp, vae_params=vp, scaling_factor=0.8, tokenizer_words=words)
 
     assert_matches_diffusers(out)
+    # --init-from: a later run continues from exactly the exported weights
+    from cones_jax.pipeline import load_pipeline
+
+    warm = base_model.warm_start({"text_encoder": tp, "unet": up}, load_pipeline(out))
+    for got, want in ((warm["unet"], up), (warm["text_encoder"], tp)):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), got, want)
+    with pytest.raises(ValueError, match="differs from this recipe"):
+        base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
+                              load_pipeline(out))
 
 
 def assert_matches_diffusers(folder: str, steps: int = 2, n: int = 1) -> np.ndarray:
