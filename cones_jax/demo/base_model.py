@@ -188,13 +188,29 @@ def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, chunk: int = 
 
 
 def min_snr_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
-    """Min-SNR-γ loss weight for v-prediction: min(SNR, γ) / (SNR + 1) (Hang et al., 2023)."""
+    """Min-SNR-γ loss weight for v-prediction: min(SNR, γ) / (SNR + 1) (Hang et al., 2023). At low SNR
+    it falls like SNR, so the high-noise steps, where a sample's layout (how many objects, where,
+    how big) is decided, get almost no gradient."""
     ac = alphas_cumprod_T[t_B]
     snr = ac / (1.0 - ac)
     return jnp.minimum(snr, gamma) / (snr + 1.0)
 
 
-def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float):
+def clipped_v_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
+    """min(SNR + 1, γ) / (SNR + 1): the plain v loss (weight 1) wherever SNR + 1 <= γ, and min-SNR's
+    clamp above. In x₀ terms the v loss weighs SNR + 1; this clips that weight at γ, where min-SNR
+    clips SNR itself and so starves the high-noise steps."""
+    ac = alphas_cumprod_T[t_B]
+    snr = ac / (1.0 - ac)
+    return jnp.minimum(snr + 1.0, gamma) / (snr + 1.0)
+
+
+LOSS_WEIGHTS = {"min_snr": min_snr_weight, "clipped_v": clipped_v_weight}
+
+
+def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
+                        weighting: str = "clipped_v"):
+    weight = LOSS_WEIGHTS[weighting]
     ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
 
     def loss_fn(params, frozen, batch, rng):
@@ -209,7 +225,7 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
         per_example = training.denoising_errors(unet, params["unet"], ctx, z0, noise, t, ac_T,
                                                 SCHEDULER["prediction_type"])
         mse = jnp.mean(per_example)
-        return jnp.mean(min_snr_weight(ac_T, t) * per_example), {"mse": mse}
+        return jnp.mean(weight(ac_T, t) * per_example), {"mse": mse}
 
     return loss_fn
 
@@ -317,6 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS), default="clipped_v",
+                   help="per-timestep loss weight of the UNet stage")
     p.add_argument("--init-from", metavar="DIR",
                    help="an exported demo folder to continue from: its VAE is kept and its UNet and text encoder "
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
@@ -385,7 +403,7 @@ def main(argv=None) -> int:
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
-    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling), params, batches,
+    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling, args.weighting), params, batches,
                         steps=args.steps, lr=args.lr, batch=args.batch, ema=True, export_only=args.export_only)
     ema = jax.device_get(state["ema"])
     export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
