@@ -70,6 +70,11 @@ def test_export_loads_in_diffusers_and_matches(tmp_path):
     warm = base_model.warm_start({"text_encoder": tp, "unet": up}, load_pipeline(out))
     for got, want in ((warm["unet"], up), (warm["text_encoder"], tp)):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), got, want)
+    # the training diagnostic reads an exported folder
+    from cones_jax.demo import diagnose
+
+    rows = 1 + len(diagnose.X0_TIMESTEPS) + 2 * len(diagnose.DDIM_STARTS)
+    assert diagnose.probe_grid(load_pipeline(out)).shape == (rows * 64, len(diagnose.PROBES) * 64, 3)
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
                               load_pipeline(out))
