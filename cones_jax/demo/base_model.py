@@ -310,6 +310,11 @@ def init_params(module, *args, seed: int):
     return jax.jit(lambda k: module.init(k, *args)["params"])(jax.random.PRNGKey(seed))
 
 
+def save_params(path: str, params) -> None:
+    """A params tree as one safetensors file keyed by "/"-joined Flax paths (the workdir's VAE)."""
+    save_safetensors(path, {"/".join(k): np.asarray(v) for k, v in convert.flatten(jax.device_get(params)).items()})
+
+
 def warm_start(params: dict, sd) -> dict:
     """`params` ({"text_encoder", "unet"}) replaced by those of a loaded exported folder `sd`, which
     must have the same trees: a folder of another config is an error naming the first odd leaf."""
@@ -357,8 +362,7 @@ def main(argv=None) -> int:
 
         warm = load_pipeline(args.init_from)
         if not os.path.exists(vae_path):
-            save_safetensors(vae_path, {"/".join(k): np.asarray(v)
-                                        for k, v in convert.flatten(jax.device_get(warm.params["vae"])).items()})
+            save_params(vae_path, warm.params["vae"])
     if not os.path.exists(vae_path):
         params = init_params(vae, jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)), seed=1)
 
@@ -371,8 +375,7 @@ def main(argv=None) -> int:
 
         state = train_stage("vae", args.workdir, lambda *a: vae_loss(vae, *a), params, vae_batches,
                             steps=args.vae_steps, lr=1e-3, batch=args.vae_batch, ema=False)
-        flat = {"/".join(k): np.asarray(v) for k, v in convert.flatten(jax.device_get(state["params"])).items()}
-        save_safetensors(vae_path, flat)
+        save_params(vae_path, state["params"])
     vae_params = convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
 
     lat_path = os.path.join(args.workdir, "latents.npz")
