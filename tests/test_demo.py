@@ -57,7 +57,8 @@ def test_export_loads_in_diffusers_and_matches(tmp_path):
         return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
     tp = noisy(base_model.init_params(text, jnp.zeros((1, base_model.MAX_LENGTH), jnp.int32), seed=0), 1)
-    up = noisy(base_model.init_params(unet, jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
+    side = base_model.UNET["sample_size"]
+    up = noisy(base_model.init_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
                                       jnp.zeros((1, base_model.MAX_LENGTH, base_model.TEXT_WIDTH)), seed=2), 3)
     vp = noisy(base_model.init_params(vae, jnp.zeros((1, 64, 64, 3)), seed=4), 5)
     out = str(tmp_path / "demo")
@@ -97,7 +98,8 @@ def assert_matches_diffusers(folder: str, steps: int = 2, n: int = 1) -> np.ndar
     with torch.no_grad():
         ctx_t = pipe.text_encoder(ids_t)[0]
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+        side = sd.unet.config.sample_size
+        x = rng.standard_normal((1, side, side, 4)).astype(np.float32)
         eps_t = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor([500.0]), ctx_t).sample
         img_t = pipe.vae.decode(torch.from_numpy(x.transpose(0, 3, 1, 2))).sample
     ctx = sd.text_encoder.apply({"params": sd.params["text_encoder"]}, jnp.asarray(ids))["last_hidden_state"]
@@ -144,3 +146,16 @@ def test_layout_guidance_places_subjects_better_than_none():
                              residuals=(False,), settings=("no guidance", "full guidance"), log=lambda *_: None)
     none, full = (r["placement@2"] for r in rows)
     assert full >= none + 0.2, (none, full)
+
+
+def test_workdir_of_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
+    work = str(tmp_path / "run")
+    os.makedirs(work)
+    base_model.check_workdir_recipe(work)  # records this recipe
+    base_model.check_workdir_recipe(work)  # and accepts it again
+    monkeypatch.setitem(base_model.UNET, "block_out_channels", [8, 16, 32])
+    with pytest.raises(ValueError, match=r"another recipe \(unet differ\)"):
+        base_model.check_workdir_recipe(work)
+    assert base_model.main(["--workdir", work, "--scenes", "4"]) == 2
+    assert "error: --workdir" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(work, "images.npy"))

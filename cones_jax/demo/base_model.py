@@ -6,7 +6,7 @@ unchanged, and it is written in diffusers layout with PyTorch key names.
 
 Training has three stages, each resumable from `workdir`:
   1. render a fixed set of captioned scenes (`world.py`);
-  2. train the VAE (64 px images -> 16x16x4 latents) and cache the latent Gaussians of every scene;
+  2. train the VAE (64 px images -> 32x32x4 latents) and cache the latent Gaussians of every scene;
   3. train the UNet and the text encoder together on the cached latents: v-prediction on a cosine
      schedule, min-SNR-5 loss weights, 10% empty captions for classifier-free guidance, EMA weights.
 `export` writes the EMA weights as a diffusers folder.
@@ -39,17 +39,21 @@ from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 MAX_LENGTH = 40
 TEXT_WIDTH = 96
 
-VAE = dict(block_out_channels=[16, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
-           up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+# Latents at 32² (f = 2): a small object (13-17 px) spans 7-8 latent pixels, so its shape is a spatial
+# layout the UNet denoises like any other. At f = 4 it spanned 3-4, and shape lived in sub-pixel latent
+# codes: two runs of 7000 and 4500 steps drew the right colour but never a shape (BENCHMARKS.md).
+VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+           up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, norm_num_groups=16,
            sample_size=world.IMAGE_SIZE, in_channels=3, out_channels=3, act_fn="silu")
-# 64 channels at 16², where shapes are drawn: on XLA:CPU this costs ~10% more per step than 32 (the step
-# is dominated by small ops, not by these convolutions). 16 groups keep 4 channels per GroupNorm group;
-# one channel per group (32 groups on 32 channels) is an instance norm that wipes each channel's
-# spatial statistics.
-UNET = dict(sample_size=world.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=[64, 64, 128],
-            layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[4, 4, 4],
-            cross_attention_dim=TEXT_WIDTH, use_linear_projection=True, norm_num_groups=16)
+LATENT_FACTOR = 2
+# Convolutions only at 32², cross-attention at 16² and 8² (XLA:CPU is slow on attention above 16²).
+# 8 GroupNorm groups keep 4-16 channels per group; one channel per group is an instance norm that
+# wipes each channel's spatial statistics.
+UNET = dict(sample_size=world.IMAGE_SIZE // LATENT_FACTOR, in_channels=4, out_channels=4,
+            block_out_channels=[32, 64, 128], layers_per_block=1,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[4, 4, 4],
+            cross_attention_dim=TEXT_WIDTH, use_linear_projection=True, norm_num_groups=8)
 SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02,
                  prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                  timestep_spacing="trailing")
@@ -328,6 +332,29 @@ def warm_start(params: dict, sd) -> dict:
     return jax.tree.map(lambda a, b: np.asarray(b, a.dtype), params, got)
 
 
+def recipe() -> dict:
+    """What a workdir's VAE, latents and checkpoints depend on."""
+    return {"vae": VAE, "unet": UNET, "scheduler": SCHEDULER, "kl_weight": KL_WEIGHT, "text": text_config(0)}
+
+
+def check_workdir_recipe(workdir: str) -> None:
+    """Records the recipe in a new workdir; a workdir another recipe made is an error (its checkpoints
+    would not restore into this recipe's trees, and its latents would be another VAE's)."""
+    path = os.path.join(workdir, "recipe.json")
+    want = json.loads(json.dumps(recipe()))
+    if os.path.exists(path):
+        with open(path) as f:
+            got = json.load(f)
+        odd = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        if odd:
+            raise ValueError(f"--workdir {workdir} was made by another recipe ({', '.join(odd)} differ); "
+                             "give a fresh --workdir (or --init-from an exported folder of this recipe)")
+    elif any(os.path.exists(os.path.join(workdir, n)) for n in ("vae.safetensors", "ckpt_unet")):
+        return  # made before workdirs recorded their recipe: nothing to compare against
+    else:
+        _write_json(path, want)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="data, checkpoints and caches (resumable)")
@@ -347,6 +374,11 @@ def main(argv=None) -> int:
                    help="write --out from the latest UNet checkpoint's EMA weights without training further")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
+    try:
+        check_workdir_recipe(args.workdir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from cones_jax.tokenizer import write_clip_tokenizer
 
     t_start = time.time()
@@ -392,7 +424,7 @@ def main(argv=None) -> int:
     tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
     text, unet = models(tok.vocab_size)
     params = {"text_encoder": init_params(text, jnp.zeros((1, MAX_LENGTH), jnp.int32), seed=2),
-              "unet": init_params(unet, jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
+              "unet": init_params(unet, jnp.zeros((1, UNET["sample_size"], UNET["sample_size"], 4)), jnp.zeros((1,)),
                                   jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
     if warm is not None:
         params = warm_start(params, warm)
