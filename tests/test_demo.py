@@ -41,7 +41,7 @@ def test_shipped_detector_on_held_out_renders():
     assert gt["placement"] == 1.0 and gt["confusion"] == 0.0 and gt["identity"] >= 0.9, gt
 
 
-def test_export_loads_in_diffusers_and_matches(tmp_path):
+def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     words = base_model.vocabulary()
@@ -79,6 +79,12 @@ def test_export_loads_in_diffusers_and_matches(tmp_path):
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
                               load_pipeline(out))
+    # a recipe that does not fit the folder stops before any work
+    monkeypatch.setitem(base_model.UNET, "block_out_channels", [32, 64, 64])
+    work = str(tmp_path / "run")
+    assert base_model.main(["--workdir", work, "--init-from", out, "--scenes", "4"]) == 2
+    assert "error: --init-from: unet" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(work, "images.npy"))
 
 
 def assert_matches_diffusers(folder: str, steps: int = 2, n: int = 1) -> np.ndarray:

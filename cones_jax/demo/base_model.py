@@ -320,16 +320,27 @@ def save_params(path: str, params) -> None:
 
 
 def warm_start(params: dict, sd) -> dict:
-    """`params` ({"text_encoder", "unet"}) replaced by those of a loaded exported folder `sd`, which
-    must have the same trees: a folder of another config is an error naming the first odd leaf."""
-    got = {"text_encoder": sd.params["text_encoder"], "unet": sd.params["unet"]}
-    for name in ("text_encoder", "unet"):
+    """`params` (a dict of component trees: "text_encoder", "unet", "vae"; arrays or shape structs)
+    replaced by those components of a loaded exported folder `sd`, which must have the same trees: a
+    folder of another config is an error naming the first odd leaf."""
+    got = {name: sd.params[name] for name in params}
+    for name in params:
         want_flat, got_flat = convert.flatten(params[name]), convert.flatten(got[name])
         for k in sorted(set(want_flat) | set(got_flat)):
             if k not in got_flat or k not in want_flat or want_flat[k].shape != got_flat[k].shape:
                 raise ValueError(f"--init-from: {name} {'/'.join(k)} differs from this recipe's config; "
                                  "continue only from a folder this recipe exported")
     return jax.tree.map(lambda a, b: np.asarray(b, a.dtype), params, got)
+
+
+def param_shapes(vocab_size: int) -> dict:
+    """Shape structs of the recipe's three trees (no initialisation runs)."""
+    text, unet = models(vocab_size)
+    side = UNET["sample_size"]
+    shapes = lambda module, *args: jax.eval_shape(lambda k: module.init(k, *args)["params"], jax.random.PRNGKey(0))
+    return {"text_encoder": shapes(text, jnp.zeros((1, MAX_LENGTH), jnp.int32)),
+            "unet": shapes(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH))),
+            "vae": shapes(vae_module(), jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)))}
 
 
 def recipe() -> dict:
@@ -382,19 +393,26 @@ def main(argv=None) -> int:
     from cones_jax.tokenizer import write_clip_tokenizer
 
     t_start = time.time()
+    warm = warm_params = None
+    if args.init_from:  # checked before any work: a folder of another recipe is a one-line error
+        from cones_jax.pipeline import load_pipeline
+
+        warm = load_pipeline(args.init_from)
+        vocab = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(),
+                                     max_length=MAX_LENGTH).vocab_size
+        try:
+            warm_params = warm_start(param_shapes(vocab), warm)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
     scenes = [world.random_scene(i) for i in range(args.scenes)]
     _log(f"{len(images)} scenes ready")
 
     vae = vae_module()
     vae_path = os.path.join(args.workdir, "vae.safetensors")
-    warm = None
-    if args.init_from:
-        from cones_jax.pipeline import load_pipeline
-
-        warm = load_pipeline(args.init_from)
-        if not os.path.exists(vae_path):
-            save_params(vae_path, warm.params["vae"])
+    if warm is not None and not os.path.exists(vae_path):
+        save_params(vae_path, warm_params["vae"])
     if not os.path.exists(vae_path):
         params = init_params(vae, jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)), seed=1)
 
@@ -423,12 +441,14 @@ def main(argv=None) -> int:
 
     tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
     text, unet = models(tok.vocab_size)
-    params = {"text_encoder": init_params(text, jnp.zeros((1, MAX_LENGTH), jnp.int32), seed=2),
-              "unet": init_params(unet, jnp.zeros((1, UNET["sample_size"], UNET["sample_size"], 4)), jnp.zeros((1,)),
-                                  jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
     if warm is not None:
-        params = warm_start(params, warm)
+        params = {"text_encoder": warm_params["text_encoder"], "unet": warm_params["unet"]}
         _log(f"UNet and text encoder start from {args.init_from}")
+    else:
+        side = UNET["sample_size"]
+        params = {"text_encoder": init_params(text, jnp.zeros((1, MAX_LENGTH), jnp.int32), seed=2),
+                  "unet": init_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
+                                      jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
     n_params = sum(x.size for x in jax.tree.leaves(params))
     _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
 
