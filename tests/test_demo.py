@@ -1,6 +1,7 @@
 """The shapes world: deterministic scenes and captions, the shipped detector's accuracy on held-out
 renders, and the base model's diffusers export (PyTorch diffusers loads it and computes what we do)."""
 
+import json
 import os
 
 import jax
@@ -62,7 +63,10 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
                                       jnp.zeros((1, base_model.MAX_LENGTH, base_model.TEXT_WIDTH)), seed=2), 3)
     vp = noisy(base_model.init_params(vae, jnp.zeros((1, 64, 64, 3)), seed=4), 5)
     out = str(tmp_path / "demo")
-    base_model.export(out, unet_params=up, text_params=tp, vae_params=vp, scaling_factor=0.8, tokenizer_words=words)
+    base_model.export(out, unet_params=up, text_params=tp, vae_params=vp, scaling_factor=0.8, tokenizer_words=words,
+                      unet_steps=7)
+    with open(os.path.join(out, base_model.TRAINING_RECORD)) as f:
+        assert json.load(f)["unet_steps"] == 7
 
     assert_matches_diffusers(out)
     # --init-from: a later run continues from exactly the exported weights
@@ -165,3 +169,17 @@ def test_workdir_of_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
     assert base_model.main(["--workdir", work, "--scenes", "4"]) == 2
     assert "error: --workdir" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(work, "images.npy"))
+
+
+def test_a_sitting_keys_its_seeds_by_the_steps_it_continues_from(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / base_model.TRAINING_RECORD).write_text(json.dumps({"unet_steps": 5400}))
+    work = str(tmp_path / "run")
+    os.makedirs(work)
+    assert base_model.sitting_offset(work, str(folder)) == 5400
+    (folder / base_model.TRAINING_RECORD).write_text(json.dumps({"unet_steps": 9000}))  # --out rewrote it
+    assert base_model.sitting_offset(work, str(folder)) == 5400  # a resumed sitting keeps its seeds
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    assert base_model.sitting_offset(fresh, None) == 0

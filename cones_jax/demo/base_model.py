@@ -151,13 +151,13 @@ def optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformatio
 
 
 def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int, lr: float, batch: int,
-                ema: bool, checkpoint_every: int = 500, export_only: bool = False) -> dict:
+                ema: bool, seed: int = 0, checkpoint_every: int = 500, export_only: bool = False) -> dict:
     """Runs one resumable training stage; returns the final state (with `export_only`, the latest
-    checkpoint's)."""
+    checkpoint's). `seed` keys the noise and timesteps."""
     opt = optimizer(lr, min(500, steps // 10), steps)
     mesh = training.make_mesh(batch)
     step_fn = training.make_train_step(loss_fn, opt, mesh, frozen={}, ema_decay=0.999)
-    state = training.init_state(params, opt, seed=0, ema=ema)
+    state = training.init_state(params, opt, seed=seed, ema=ema)
     ckpt = training.Checkpointer(os.path.join(workdir, f"ckpt_{name}"), every=checkpoint_every, keep=2,
                                  metadata={"kind": f"demo_{name}"})
     restored = ckpt.restore(state)
@@ -272,8 +272,13 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: float, tokenizer_words) -> None:
-    """Writes a diffusers Stable Diffusion folder: model_index.json and five components."""
+TRAINING_RECORD = "demo_training.json"  # in an exported folder; diffusers ignores files it does not know
+
+
+def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: float, tokenizer_words,
+           unet_steps: int = 0) -> None:
+    """Writes a diffusers Stable Diffusion folder: model_index.json, five components, and a record of
+    how many UNet steps the weights have had over all sittings (`unet_steps`)."""
     from cones_jax.tokenizer import write_clip_tokenizer
 
     tok = write_clip_tokenizer(os.path.join(out, "tokenizer"), tokenizer_words, max_length=MAX_LENGTH)
@@ -297,6 +302,7 @@ def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: fl
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
+    _write_json(os.path.join(out, TRAINING_RECORD), {"unet_steps": int(unet_steps), "recipe": recipe()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +352,24 @@ def param_shapes(vocab_size: int) -> dict:
 def recipe() -> dict:
     """What a workdir's VAE, latents and checkpoints depend on."""
     return {"vae": VAE, "unet": UNET, "scheduler": SCHEDULER, "kl_weight": KL_WEIGHT, "text": text_config(0)}
+
+
+def sitting_offset(workdir: str, init_from: str | None) -> int:
+    """UNet steps the weights had before this workdir's sitting: 0 from scratch, else what the
+    --init-from folder's record says. Kept in the workdir, so a resumed sitting keeps its seeds even
+    after its --out (often the same folder as --init-from) was rewritten. The noise and the data
+    order are keyed by it: each sitting draws new ones instead of replaying the first sitting's."""
+    path = os.path.join(workdir, "sitting.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return int(json.load(f)["prior_unet_steps"])
+    prior = 0
+    record = os.path.join(init_from, TRAINING_RECORD) if init_from else None
+    if record and os.path.exists(record):
+        with open(record) as f:
+            prior = int(json.load(f)["unet_steps"])
+    _write_json(path, {"init_from": init_from, "prior_unet_steps": prior})
+    return prior
 
 
 def check_workdir_recipe(workdir: str) -> None:
@@ -452,17 +476,20 @@ def main(argv=None) -> int:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
 
+    prior = sitting_offset(args.workdir, args.init_from)
+
     def batches(step):
-        idx = np.sort(training.batch_indices(step, args.batch, len(mean), seed=2))
-        rng = training.data_rng(step, seed=2)
+        idx = np.sort(training.batch_indices(step, args.batch, len(mean), seed=2 + prior))
+        rng = training.data_rng(step, seed=2 + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
     state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling, args.weighting), params, batches,
-                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True, export_only=args.export_only)
+                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True, seed=prior,
+                        export_only=args.export_only)
     ema = jax.device_get(state["ema"])
     export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
-           scaling_factor=scaling, tokenizer_words=vocabulary())
+           scaling_factor=scaling, tokenizer_words=vocabulary(), unet_steps=prior + int(state["step"]))
     _log(f"wrote {args.out} ({(time.time() - t_start) / 60:.1f} min in this run)")
     return 0
 
