@@ -180,6 +180,8 @@ def test_a_sitting_keys_its_seeds_by_the_steps_it_continues_from(tmp_path):
     assert base_model.sitting_offset(work, str(folder)) == 5400
     (folder / base_model.TRAINING_RECORD).write_text(json.dumps({"unet_steps": 9000}))  # --out rewrote it
     assert base_model.sitting_offset(work, str(folder)) == 5400  # a resumed sitting keeps its seeds
+    with pytest.raises(ValueError, match="started from .*export, not scratch"):
+        base_model.sitting_offset(work, None)  # its checkpoints would silently win over a fresh start
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
     assert base_model.sitting_offset(fresh, None) == 0

@@ -360,15 +360,22 @@ def sitting_offset(workdir: str, init_from: str | None) -> int:
     after its --out (often the same folder as --init-from) was rewritten. The noise and the data
     order are keyed by it: each sitting draws new ones instead of replaying the first sitting's."""
     path = os.path.join(workdir, "sitting.json")
+    source = os.path.abspath(init_from) if init_from else None
     if os.path.exists(path):
         with open(path) as f:
-            return int(json.load(f)["prior_unet_steps"])
+            sitting = json.load(f)
+        if sitting["init_from"] != source:
+            # its checkpoints would be restored over the --init-from weights without a word
+            raise ValueError(f"--workdir {workdir} holds a sitting that started from "
+                             f"{sitting['init_from'] or 'scratch'}, not {source or 'scratch'}; resume it with the "
+                             "same --init-from, or give a fresh --workdir")
+        return int(sitting["prior_unet_steps"])
     prior = 0
     record = os.path.join(init_from, TRAINING_RECORD) if init_from else None
     if record and os.path.exists(record):
         with open(record) as f:
             prior = int(json.load(f)["unet_steps"])
-    _write_json(path, {"init_from": init_from, "prior_unet_steps": prior})
+    _write_json(path, {"init_from": source, "prior_unet_steps": prior})
     return prior
 
 
@@ -411,6 +418,7 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     try:
         check_workdir_recipe(args.workdir)
+        prior = sitting_offset(args.workdir, args.init_from)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -475,8 +483,6 @@ def main(argv=None) -> int:
                                       jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
     n_params = sum(x.size for x in jax.tree.leaves(params))
     _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
-
-    prior = sitting_offset(args.workdir, args.init_from)
 
     def batches(step):
         idx = np.sort(training.batch_indices(step, args.batch, len(mean), seed=2 + prior))
