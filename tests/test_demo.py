@@ -57,11 +57,10 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
         keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
         return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
-    tp = noisy(base_model.init_params(text, jnp.zeros((1, base_model.MAX_LENGTH), jnp.int32), seed=0), 1)
-    side = base_model.UNET["sample_size"]
-    up = noisy(base_model.init_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
-                                      jnp.zeros((1, base_model.MAX_LENGTH, base_model.TEXT_WIDTH)), seed=2), 3)
-    vp = noisy(base_model.init_params(vae, jnp.zeros((1, 64, 64, 3)), seed=4), 5)
+    inputs = base_model.init_inputs()
+    tp = noisy(base_model.init_params(text, *inputs["text_encoder"], seed=0), 1)
+    up = noisy(base_model.init_params(unet, *inputs["unet"], seed=2), 3)
+    vp = noisy(base_model.init_params(vae, *inputs["vae"], seed=4), 5)
     out = str(tmp_path / "demo")
     base_model.export(out, unet_params=up, text_params=tp, vae_params=vp, scaling_factor=0.8, tokenizer_words=words,
                       unet_steps=7)

@@ -339,14 +339,20 @@ def warm_start(params: dict, sd) -> dict:
     return jax.tree.map(lambda a, b: np.asarray(b, a.dtype), params, got)
 
 
+def init_inputs() -> dict[str, tuple]:
+    """Example inputs that initialise each of the recipe's three trees."""
+    side = UNET["sample_size"]
+    return {"text_encoder": (jnp.zeros((1, MAX_LENGTH), jnp.int32),),
+            "unet": (jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH))),
+            "vae": (jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)),)}
+
+
 def param_shapes(vocab_size: int) -> dict:
     """Shape structs of the recipe's three trees (no initialisation runs)."""
     text, unet = models(vocab_size)
-    side = UNET["sample_size"]
-    shapes = lambda module, *args: jax.eval_shape(lambda k: module.init(k, *args)["params"], jax.random.PRNGKey(0))
-    return {"text_encoder": shapes(text, jnp.zeros((1, MAX_LENGTH), jnp.int32)),
-            "unet": shapes(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH))),
-            "vae": shapes(vae_module(), jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)))}
+    modules = {"text_encoder": text, "unet": unet, "vae": vae_module()}
+    return {name: jax.eval_shape(lambda k, m=modules[name], a=args: m.init(k, *a)["params"], jax.random.PRNGKey(0))
+            for name, args in init_inputs().items()}
 
 
 def recipe() -> dict:
@@ -416,27 +422,23 @@ def main(argv=None) -> int:
                    help="write --out from the latest UNet checkpoint's EMA weights without training further")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
-    try:
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    t_start = time.time()
+    tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
+    warm = warm_params = None
+    try:  # all checked before any work, and --init-from before the workdir records its sitting
+        if args.init_from:
+            from cones_jax.pipeline import load_pipeline
+
+            warm = load_pipeline(args.init_from)
+            warm_params = warm_start(param_shapes(tok.vocab_size), warm)
         check_workdir_recipe(args.workdir)
         prior = sitting_offset(args.workdir, args.init_from)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from cones_jax.tokenizer import write_clip_tokenizer
-
-    t_start = time.time()
-    warm = warm_params = None
-    if args.init_from:  # checked before any work: a folder of another recipe is a one-line error
-        from cones_jax.pipeline import load_pipeline
-
-        warm = load_pipeline(args.init_from)
-        vocab = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(),
-                                     max_length=MAX_LENGTH).vocab_size
-        try:
-            warm_params = warm_start(param_shapes(vocab), warm)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    inputs = init_inputs()
     images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
     scenes = [world.random_scene(i) for i in range(args.scenes)]
     _log(f"{len(images)} scenes ready")
@@ -446,7 +448,7 @@ def main(argv=None) -> int:
     if warm is not None and not os.path.exists(vae_path):
         save_params(vae_path, warm_params["vae"])
     if not os.path.exists(vae_path):
-        params = init_params(vae, jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)), seed=1)
+        params = init_params(vae, *inputs["vae"], seed=1)
 
         def vae_batches(step):
             # 32 px crops: the VAE is fully convolutional, and a quarter of the pixels is a quarter of the cost.
@@ -471,16 +473,13 @@ def main(argv=None) -> int:
     mean, std, scaling = lat["mean"], lat["std"], float(lat["scaling"])
     _log(f"latents {mean.shape}, scaling factor {scaling:.4f}")
 
-    tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
     text, unet = models(tok.vocab_size)
     if warm is not None:
         params = {"text_encoder": warm_params["text_encoder"], "unet": warm_params["unet"]}
         _log(f"UNet and text encoder start from {args.init_from}")
     else:
-        side = UNET["sample_size"]
-        params = {"text_encoder": init_params(text, jnp.zeros((1, MAX_LENGTH), jnp.int32), seed=2),
-                  "unet": init_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)),
-                                      jnp.zeros((1, MAX_LENGTH, TEXT_WIDTH)), seed=3)}
+        params = {"text_encoder": init_params(text, *inputs["text_encoder"], seed=2),
+                  "unet": init_params(unet, *inputs["unet"], seed=3)}
     n_params = sum(x.size for x in jax.tree.leaves(params))
     _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
 
