@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cones_jax import training
 from cones_jax.demo import base_model, detect, evaluate, world
 
 DETECTOR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "demo_world", "detector.safetensors")
@@ -184,3 +185,21 @@ def test_a_sitting_keys_its_seeds_by_the_steps_it_continues_from(tmp_path):
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
     assert base_model.sitting_offset(fresh, None) == 0
+
+
+def test_single_object_batches_add_to_the_old_draw(capsys):
+    scenes = [world.random_scene(i) for i in range(200)]
+    singles = np.flatnonzero([len(s.things) == 1 for s in scenes])
+    old = [np.sort(training.batch_indices(s, 16, 200, seed=base_model.DATA_SEED + 5)) for s in range(3)]
+    for s in range(3):  # no single-object share: every earlier run's data order, unchanged
+        np.testing.assert_array_equal(base_model.unet_batch_indices(s, 16, 200, singles, 0, prior=5), old[s])
+    seen = []
+    for s in range(len(singles)):
+        idx = base_model.unet_batch_indices(s, 16, 200, singles, 10, prior=5)
+        assert len(idx) == 16 and list(idx) == sorted(idx)
+        assert sum(len(scenes[i].things) == 1 for i in idx) >= 10
+        seen += list(idx)
+    assert set(singles) <= set(seen)  # the single-object pool is shuffled through, not sampled at random
+    with pytest.raises(SystemExit):
+        base_model.main(["--workdir", "unused", "--single-object-fraction", "1.5"])
+    assert "--single-object-fraction 1.5 is not in [0, 1]" in capsys.readouterr().err

@@ -209,6 +209,22 @@ def clipped_v_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
     return jnp.minimum(snr + 1.0, gamma) / (snr + 1.0)
 
 
+# Seeds of the UNet stage's two data draws, each offset by the steps the weights had before the sitting.
+DATA_SEED = 2
+SINGLES_SEED = 7919
+
+
+def unet_batch_indices(step: int, batch: int, n_scenes: int, singles: np.ndarray, n_single: int,
+                       prior: int) -> np.ndarray:
+    """The scenes of UNet batch `step` (sorted): `batch - n_single` from all scenes, and `n_single`
+    more from the single-object ones (`singles`, their indices), each an endless run of shuffles.
+    With `n_single` 0 it is the draw of every run made before single-object batches existed."""
+    idx = training.batch_indices(step, batch - n_single, n_scenes, seed=DATA_SEED + prior)
+    if n_single:
+        idx += singles[training.batch_indices(step, n_single, len(singles), seed=SINGLES_SEED + prior)].tolist()
+    return np.sort(idx)
+
+
 LOSS_WEIGHTS = {"min_snr": min_snr_weight, "clipped_v": clipped_v_weight}
 
 
@@ -413,6 +429,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--single-object-fraction", type=float, default=0.0, metavar="F",
+                   help="share of each UNet batch drawn from the single-object scenes alone, the rest from all scenes "
+                        "(default 0: all from all scenes, of which 35%% hold one object); a one-object caption "
+                        "binds its shape word to one shape without ambiguity")
     p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS), default="clipped_v",
                    help="per-timestep loss weight of the UNet stage")
     p.add_argument("--init-from", metavar="DIR",
@@ -421,6 +441,8 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", action="store_true",
                    help="write --out from the latest UNet checkpoint's EMA weights without training further")
     args = p.parse_args(argv)
+    if not 0.0 <= args.single_object_fraction <= 1.0:
+        p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
     os.makedirs(args.workdir, exist_ok=True)
     from cones_jax.tokenizer import write_clip_tokenizer
 
@@ -483,9 +505,12 @@ def main(argv=None) -> int:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     _log(f"text encoder + UNet: {n_params / 1e6:.2f}M parameters")
 
+    singles = np.flatnonzero([len(s.things) == 1 for s in scenes])
+    n_single = round(args.single_object_fraction * args.batch)
+
     def batches(step):
-        idx = np.sort(training.batch_indices(step, args.batch, len(mean), seed=2 + prior))
-        rng = training.data_rng(step, seed=2 + prior)
+        idx = unet_batch_indices(step, args.batch, len(mean), singles, n_single, prior)
+        rng = training.data_rng(step, seed=DATA_SEED + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
