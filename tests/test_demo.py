@@ -203,3 +203,16 @@ def test_single_object_batches_add_to_the_old_draw(capsys):
     with pytest.raises(SystemExit):
         base_model.main(["--workdir", "unused", "--single-object-fraction", "1.5"])
     assert "--single-object-fraction 1.5 is not in [0, 1]" in capsys.readouterr().err
+
+
+def test_timestep_power_trains_more_on_high_noise(capsys):
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(base_model.sample_timesteps(key, 64, 1000, 0.0),
+                                  jax.random.randint(key, (64,), 0, 1000))  # earlier runs' draw, unchanged
+    t = np.asarray(base_model.sample_timesteps(key, 100_000, 1000, 1.0))
+    assert t.min() >= 0 and t.max() == 999
+    assert abs((t >= 850).mean() - (1 - 0.85 ** 2)) < 0.01  # density 2 t / T
+    assert abs(t.mean() - 666.5) < 5
+    with pytest.raises(SystemExit):
+        base_model.main(["--workdir", "unused", "--timestep-power", "-1"])
+    assert "--timestep-power -1.0 is negative" in capsys.readouterr().err

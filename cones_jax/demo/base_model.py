@@ -228,8 +228,19 @@ def unet_batch_indices(step: int, batch: int, n_scenes: int, singles: np.ndarray
 LOSS_WEIGHTS = {"min_snr": min_snr_weight, "clipped_v": clipped_v_weight}
 
 
+def sample_timesteps(rng, n: int, num_train_timesteps: int, power: float = 0.0):
+    """Training timesteps with density ∝ (t / T)^power: uniform at 0, and at 1 twice the share of the
+    steps above t = 0.85 T (28% against 15%), the band where, on this schedule, a sample's shape is
+    decided: from t = 0.85 T the model keeps the shape it is given (BENCHMARKS.md)."""
+    if power == 0.0:
+        return jax.random.randint(rng, (n,), 0, num_train_timesteps)  # the draw of every earlier run
+    u = jax.random.uniform(rng, (n,))
+    t = jnp.floor(num_train_timesteps * u ** (1.0 / (1.0 + power))).astype(jnp.int32)
+    return jnp.minimum(t, num_train_timesteps - 1)
+
+
 def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
-                        weighting: str = "clipped_v"):
+                        weighting: str = "clipped_v", timestep_power: float = 0.0):
     weight = LOSS_WEIGHTS[weighting]
     ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
 
@@ -239,7 +250,7 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
         mean = batch["mean"].astype(jnp.float32)
         z0 = (mean + batch["std"].astype(jnp.float32) * jax.random.normal(k_z, mean.shape)) * scaling_factor
         b = z0.shape[0]
-        t = jax.random.randint(k_t, (b,), 0, ac_T.shape[0])
+        t = sample_timesteps(k_t, b, ac_T.shape[0], timestep_power)
         noise = jax.random.normal(k_n, z0.shape)
         ctx = text.apply({"params": params["text_encoder"]}, batch["ids"])["last_hidden_state"]
         per_example = training.denoising_errors(unet, params["unet"], ctx, z0, noise, t, ac_T,
@@ -435,6 +446,9 @@ def main(argv=None) -> int:
                         "binds its shape word to one shape without ambiguity")
     p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS), default="clipped_v",
                    help="per-timestep loss weight of the UNet stage")
+    p.add_argument("--timestep-power", type=float, default=0.0, metavar="K",
+                   help="draw UNet training timesteps with density proportional to (t/T)^K (default 0: uniform); "
+                        "K > 0 trains more on the high-noise steps, where a sample's layout and shapes are decided")
     p.add_argument("--init-from", metavar="DIR",
                    help="an exported demo folder to continue from: its VAE is kept and its UNet and text encoder "
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
@@ -443,6 +457,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.single_object_fraction <= 1.0:
         p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
+    if args.timestep_power < 0.0:
+        p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
     os.makedirs(args.workdir, exist_ok=True)
     from cones_jax.tokenizer import write_clip_tokenizer
 
@@ -514,7 +530,8 @@ def main(argv=None) -> int:
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
-    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling, args.weighting), params, batches,
+    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power),
+                        params, batches,
                         steps=args.steps, lr=args.lr, batch=args.batch, ema=True, seed=prior,
                         export_only=args.export_only)
     ema = jax.device_get(state["ema"])
