@@ -80,6 +80,9 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
 
     rows = 1 + len(diagnose.X0_TIMESTEPS) + 2 * len(diagnose.DDIM_STARTS)
     assert diagnose.probe_grid(load_pipeline(out)).shape == (rows * 64, len(diagnose.PROBES) * 64, 3)
+    rise = diagnose.caption_sensitivity(load_pipeline(out), timesteps=(850,), draws=1)
+    assert set(rise) == {850} and all(np.isfinite(v) for v in rise[850].values())
+    assert rise[850]["colour"] != 0.0  # random weights read every word a little
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
                               load_pipeline(out))

@@ -2,7 +2,9 @@
 
     python -m cones_jax.demo.diagnose --model examples/demo_checkpoint --out /tmp/diagnose.png
 
-Prints the single-object gate on one seed per colour x shape (49 samples) and writes one PNG grid:
+Prints the single-object gate on one seed per colour x shape (49 samples), how much the model's
+denoising loss rises when a caption's shape or colour word is swapped (per noise level; near 0 for
+a word the model ignores), and writes one PNG grid:
   row 1      renders of a big red star, blue heart, green triangle and yellow square on grey;
   rows 2-6   the model's one-shot x₀ prediction from those latents noised to t = 100 ... 900;
   rows 7-14  DDIM from those noised latents (t = 500, 700, 850, 999; CFG 1, then 5) down to 0.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax import training
 from cones_jax.demo import detect, evaluate, world
 from cones_jax.models.vae import AutoencoderKL
 from cones_jax.schedulers import alphas_cumprod
@@ -27,6 +30,37 @@ from cones_jax.schedulers import alphas_cumprod
 PROBES = (("star", "red"), ("heart", "blue"), ("triangle", "green"), ("square", "yellow"))
 X0_TIMESTEPS = (100, 300, 500, 700, 900)
 DDIM_STARTS = (500, 700, 850, 999)
+SENSITIVITY_TIMESTEPS = (500, 650, 750, 850, 920)
+
+
+def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> dict[int, dict[str, float]]:
+    """For 49 single big objects on grey (every colour x shape), the relative rise of the mean
+    denoising loss at each t when the caption names another shape, or another colour, than the one
+    drawn: {t: {"shape": rise, "colour": rise}}. It measures how much the model reads each word,
+    and moves long before the gate does."""
+    shapes, colours = list(world.SHAPES), list(world.COLOURS)
+    rng = np.random.default_rng(0)
+    things = [world.Thing(shapes[i % 7], colours[i // 7], size="big") for i in range(49)]
+    scenes = [world.Scene(tuple(world.place_things(rng, [t])), "grey", seed=i) for i, t in enumerate(things)]
+    renders = np.stack([world.render(s) for s in scenes])
+    z0 = sd.vae.apply({"params": sd.params["vae"]}, jnp.asarray(renders, jnp.float32) / 127.5 - 1.0,
+                      method=AutoencoderKL.encode)[0] * sd.vae.config.scaling_factor
+    encode = lambda p: sd.text_encoder.apply({"params": sd.params["text_encoder"]},
+                                             jnp.asarray(sd.tokenizer.encode(p)))["last_hidden_state"]
+    # another word three places on, so every swap changes the word and no pair is favoured
+    captions = {"right": [f"a {t.colour} {t.shape}" for t in things],
+                "shape": [f"a {t.colour} {shapes[(shapes.index(t.shape) + 3) % 7]}" for t in things],
+                "colour": [f"a {colours[(colours.index(t.colour) + 3) % 7]} {t.shape}" for t in things]}
+    ctx = {k: encode(v) for k, v in captions.items()}
+    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
+    loss = jax.jit(lambda c, n, t: jnp.mean(training.denoising_errors(
+        sd.unet, sd.params["unet"], c, z0, n, jnp.full((z0.shape[0],), t), ac, sd.scheduler.prediction_type)))
+    out = {}
+    for t in timesteps:
+        noises = [jax.random.normal(jax.random.PRNGKey(k), z0.shape) for k in range(draws)]
+        mean = {k: np.mean([float(loss(c, n, t)) for n in noises]) for k, c in ctx.items()}
+        out[t] = {k: float(mean[k] / mean["right"] - 1.0) for k in ("shape", "colour")}
+    return out
 
 
 def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
@@ -78,6 +112,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sd = load_pipeline(args.model)
     print(f"single-object gate (1 seed): {evaluate.single_object_gate(sd, detect.load_detector(args.detector), [0])}")
+    for t, rise in caption_sensitivity(sd).items():
+        print(f"t = {t}: loss +{100 * rise['shape']:.1f}% with another shape word, "
+              f"+{100 * rise['colour']:.1f}% with another colour word")
     grid = probe_grid(sd)
     save_png(args.out, Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST))
     print(f"wrote {args.out}")
