@@ -11,6 +11,11 @@ seconds are noisy.
 
 Needs torch and diffusers (the `test` extra) unless run with `--no-torch`, in which case our
 UNet gets random params of its own and no agreement check is made.
+
+    python -m cones_jax.bench demo-step --batch 16 --iters 5
+
+times one training step of the demo base model's UNet (and text encoder) against variants of its
+config, in turn, and prints each one's median against the recipe's.
 """
 
 from __future__ import annotations
@@ -295,6 +300,64 @@ def summary_table(r: dict) -> str:
     return "\n".join(head) + "\n" + _format_table(rows)
 
 
+# The demo recipe's UNet beside one with text at every level, as Stable Diffusion puts it at its
+# three finest (here also at 32², with self-attention over 1024 positions there).
+DEMO_VARIANTS = {
+    "recipe": {},
+    "text at 32²": dict(down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3),
+}
+
+
+def run_demo_step(args: argparse.Namespace, command: str) -> dict:
+    """Seconds per UNet training step of the demo recipe and its variants, timed in turn."""
+    from cones_jax import training
+    from cones_jax.demo import base_model as bm
+    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    import tempfile
+
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_clip_tokenizer(tmp, bm.vocabulary(), max_length=bm.MAX_LENGTH).vocab_size
+    text, _ = bm.models(vocab_size)
+    side = bm.UNET["sample_size"]
+    rng = np.random.default_rng(0)
+    batch = {"mean": rng.standard_normal((args.batch, side, side, 4)).astype(np.float32),
+             "std": np.full((args.batch, side, side, 4), 0.01, np.float32),
+             "ids": rng.integers(0, 50, (args.batch, bm.MAX_LENGTH)).astype(np.int32)}
+    opt = bm.optimizer(1e-4, 10, 100)
+    mesh = training.make_mesh(args.batch)
+    steps, states, params_n, compile_s = {}, {}, {}, {}
+    for name, change in DEMO_VARIANTS.items():
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change)))
+        params = {"text_encoder": bm.init_params(text, *bm.init_inputs()["text_encoder"], seed=0),
+                  "unet": bm.init_params(unet, *bm.init_inputs()["unet"], seed=1)}
+        params_n[name] = sum(x.size for x in jax.tree.leaves(params))
+        steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0), opt, mesh, frozen={})
+        states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))
+        t0 = time.perf_counter()
+        states[name], m = steps[name](states[name], batch)
+        jax.block_until_ready(m["loss"])
+        compile_s[name] = time.perf_counter() - t0
+    times = {name: [] for name in DEMO_VARIANTS}
+    for _ in range(args.iters):
+        for name in DEMO_VARIANTS:  # in turn, so load from elsewhere hits each alike
+            time.sleep(_SETTLE_S)
+            t0 = time.perf_counter()
+            states[name], m = steps[name](states[name], batch)
+            jax.block_until_ready(m["loss"])
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base = med["recipe"]
+    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
+          f"host: {_host_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}; batch {args.batch}")
+    print(_format_table([(name, f"{params_n[name] / 1e6:.2f} M params, compile {compile_s[name]:.0f} s, "
+                                f"median {med[name]:.3f} s/step, {med[name] / base:.2f}x the recipe")
+                         for name in DEMO_VARIANTS]))
+    return {"command": command, "batch": args.batch, "median_s": med, "times_s": times, "params": params_n}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cones_jax.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     u.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, record one jax forward with jax.profiler into DIR")
+    d = sub.add_parser("demo-step", help="time a demo base-model UNet training step against its variants")
+    d.add_argument("--batch", type=int, default=16)
+    d.add_argument("--iters", type=int, default=5)
+    d.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -321,6 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--iters must be >= 1, --warmup >= 0, --batch >= 1")
     command = shlex.join(["python", "-m", "cones_jax.bench", *argv])
     print(f"command: {command}", flush=True)
+    if args.command == "demo-step":
+        return run_demo_step(args, command)
     result = run_unet(args, command)
     print(summary_table(result), flush=True)
     if args.json:

@@ -32,3 +32,13 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
     assert "python -m cones_jax.bench unet --config tiny" in printed
 
     assert json.loads(out_json.read_text())["rel_diff"] == pytest.approx(result["rel_diff"])
+
+
+def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
+    # the recipe against one small variant, so the test compiles two steps, not the real variants' sizes
+    monkeypatch.setattr(bench, "DEMO_VARIANTS", {"recipe": {}, "narrow": dict(block_out_channels=[8, 16, 32])})
+    result = bench.main(["demo-step", "--batch", "1", "--iters", "1"])
+    assert set(result["median_s"]) == {"recipe", "narrow"} and all(v > 0 for v in result["median_s"].values())
+    assert result["params"]["narrow"] < result["params"]["recipe"]
+    printed = capsys.readouterr().out
+    assert "python -m cones_jax.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed
