@@ -310,12 +310,11 @@ DEMO_VARIANTS = {
 
 def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     """Seconds per UNet training step of the demo recipe and its variants, timed in turn."""
+    import tempfile
+
     from cones_jax import training
     from cones_jax.demo import base_model as bm
     from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
-
-    import tempfile
-
     from cones_jax.tokenizer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,26 +327,28 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
              "ids": rng.integers(0, 50, (args.batch, bm.MAX_LENGTH)).astype(np.int32)}
     opt = bm.optimizer(1e-4, 10, 100)
     mesh = training.make_mesh(args.batch)
+    inputs = bm.init_inputs()
     steps, states, params_n, compile_s = {}, {}, {}, {}
-    for name, change in DEMO_VARIANTS.items():
-        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change)))
-        params = {"text_encoder": bm.init_params(text, *bm.init_inputs()["text_encoder"], seed=0),
-                  "unet": bm.init_params(unet, *bm.init_inputs()["unet"], seed=1)}
-        params_n[name] = sum(x.size for x in jax.tree.leaves(params))
-        steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0), opt, mesh, frozen={})
-        states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))
+
+    def timed_step(name: str) -> float:
         t0 = time.perf_counter()
         states[name], m = steps[name](states[name], batch)
         jax.block_until_ready(m["loss"])
-        compile_s[name] = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    for name, change in DEMO_VARIANTS.items():
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change)))
+        params = {"text_encoder": bm.init_params(text, *inputs["text_encoder"], seed=0),
+                  "unet": bm.init_params(unet, *inputs["unet"], seed=1)}
+        params_n[name] = sum(x.size for x in jax.tree.leaves(params))
+        steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0), opt, mesh, frozen={})
+        states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))
+        compile_s[name] = timed_step(name)  # the first call compiles
     times = {name: [] for name in DEMO_VARIANTS}
     for _ in range(args.iters):
         for name in DEMO_VARIANTS:  # in turn, so load from elsewhere hits each alike
             time.sleep(_SETTLE_S)
-            t0 = time.perf_counter()
-            states[name], m = steps[name](states[name], batch)
-            jax.block_until_ready(m["loss"])
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed_step(name))
     med = {name: statistics.median(v) for name, v in times.items()}
     base = med["recipe"]
     print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
@@ -377,14 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-step", help="time a demo base-model UNet training step against its variants")
     d.add_argument("--batch", type=int, default=16)
     d.add_argument("--iters", type=int, default=5)
-    d.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.batch < 1:
+    if args.iters < 1 or getattr(args, "warmup", 0) < 0 or args.batch < 1:
         raise SystemExit("--iters must be >= 1, --warmup >= 0, --batch >= 1")
     command = shlex.join(["python", "-m", "cones_jax.bench", *argv])
     print(f"command: {command}", flush=True)

@@ -530,10 +530,9 @@ def main(argv=None) -> int:
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         return {"mean": mean[idx], "std": std[idx], "ids": ids}
 
-    state = train_stage("unet", args.workdir, make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power),
-                        params, batches,
-                        steps=args.steps, lr=args.lr, batch=args.batch, ema=True, seed=prior,
-                        export_only=args.export_only)
+    loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power)
+    state = train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
+                        batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
     ema = jax.device_get(state["ema"])
     export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
            scaling_factor=scaling, tokenizer_words=vocabulary(), unet_steps=prior + int(state["step"]))

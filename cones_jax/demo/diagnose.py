@@ -33,6 +33,18 @@ DDIM_STARTS = (500, 700, 850, 999)
 SENSITIVITY_TIMESTEPS = (500, 650, 750, 850, 920)
 
 
+def _scaled_latents(sd, renders: np.ndarray) -> jax.Array:
+    """The VAE's posterior means of uint8 renders, times its scaling factor (what the UNet denoises)."""
+    x = jnp.asarray(renders, jnp.float32) / 127.5 - 1.0
+    return sd.vae.apply({"params": sd.params["vae"]}, x, method=AutoencoderKL.encode)[0] * sd.vae.config.scaling_factor
+
+
+def _context(sd, prompts) -> jax.Array:
+    """The text encoder's last hidden states for `prompts` (the UNet's cross-attention context)."""
+    ids = jnp.asarray(sd.tokenizer.encode(list(prompts)))
+    return sd.text_encoder.apply({"params": sd.params["text_encoder"]}, ids)["last_hidden_state"]
+
+
 def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> dict[int, dict[str, float]]:
     """For 49 single big objects on grey (every colour x shape), the relative rise of the mean
     denoising loss at each t when the caption names another shape, or another colour, than the one
@@ -42,16 +54,12 @@ def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> 
     rng = np.random.default_rng(0)
     things = [world.Thing(shapes[i % 7], colours[i // 7], size="big") for i in range(49)]
     scenes = [world.Scene(tuple(world.place_things(rng, [t])), "grey", seed=i) for i, t in enumerate(things)]
-    renders = np.stack([world.render(s) for s in scenes])
-    z0 = sd.vae.apply({"params": sd.params["vae"]}, jnp.asarray(renders, jnp.float32) / 127.5 - 1.0,
-                      method=AutoencoderKL.encode)[0] * sd.vae.config.scaling_factor
-    encode = lambda p: sd.text_encoder.apply({"params": sd.params["text_encoder"]},
-                                             jnp.asarray(sd.tokenizer.encode(p)))["last_hidden_state"]
+    z0 = _scaled_latents(sd, np.stack([world.render(s) for s in scenes]))
     # another word three places on, so every swap changes the word and no pair is favoured
     captions = {"right": [f"a {t.colour} {t.shape}" for t in things],
                 "shape": [f"a {t.colour} {shapes[(shapes.index(t.shape) + 3) % 7]}" for t in things],
                 "colour": [f"a {colours[(colours.index(t.colour) + 3) % 7]} {t.shape}" for t in things]}
-    ctx = {k: encode(v) for k, v in captions.items()}
+    ctx = {k: _context(sd, v) for k, v in captions.items()}
     ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
     loss = jax.jit(lambda c, n, t: jnp.mean(training.denoising_errors(
         sd.unet, sd.params["unet"], c, z0, n, jnp.full((z0.shape[0],), t), ac, sd.scheduler.prediction_type)))
@@ -71,13 +79,14 @@ def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
     things = [world.Thing(s, c, box=(18, 18, 46, 46)) for s, c in PROBES]
     renders = np.stack([world.render(world.Scene((t,), "grey", seed=i)) for i, t in enumerate(things)])
     sf = sd.vae.config.scaling_factor
-    vae = lambda x, method: sd.vae.apply({"params": sd.params["vae"]}, x, method=method)
-    z0 = vae(jnp.asarray(renders, jnp.float32) / 127.5 - 1.0, AutoencoderKL.encode)[0] * sf
-    encode = lambda p: sd.text_encoder.apply({"params": sd.params["text_encoder"]},
-                                             jnp.asarray(sd.tokenizer.encode(p)))["last_hidden_state"]
-    cond, uncond = encode([f"a big {t.colour} {t.shape}" for t in things]), encode([""] * len(things))
+    z0 = _scaled_latents(sd, renders)
+    cond = _context(sd, [f"a big {t.colour} {t.shape}" for t in things])
+    uncond = _context(sd, [""] * len(things))
     unet = jax.jit(lambda z, t, c: sd.unet.apply({"params": sd.params["unet"]}, z, jnp.full((z.shape[0],), t), c))
-    decode = lambda z: np.asarray(jnp.clip((vae(z / sf, AutoencoderKL.decode) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+    def decode(z):
+        x = sd.vae.apply({"params": sd.params["vae"]}, z / sf, method=AutoencoderKL.decode)
+        return np.asarray(jnp.clip((x + 1.0) * 127.5, 0, 255)).astype(np.uint8)
 
     def noised(t):
         return np.sqrt(ac[t]) * z0 + np.sqrt(1 - ac[t]) * jax.random.normal(jax.random.PRNGKey(t), z0.shape)
