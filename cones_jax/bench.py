@@ -300,26 +300,25 @@ def summary_table(r: dict) -> str:
     return "\n".join(head) + "\n" + _format_table(rows)
 
 
-# The demo recipe's UNet beside one with text at every level, as Stable Diffusion puts it at its
-# three finest (here also at 32², with self-attention over 1024 positions there).
+# The demo recipe beside variants: a UNet with text at every level, as Stable Diffusion puts it at
+# its three finest (here also at 32², with self-attention over 1024 positions there), and the
+# recipe's UNet with the token grounding loss (its attention probabilities kept for the loss).
 DEMO_VARIANTS = {
     "recipe": {},
-    "text at 32²": dict(down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3),
+    "text at 32²": dict(unet=dict(down_block_types=["CrossAttnDownBlock2D"] * 3,
+                                  up_block_types=["CrossAttnUpBlock2D"] * 3)),
+    "grounding loss": dict(grounding_weight=0.05),
 }
 
 
 def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     """Seconds per UNet training step of the demo recipe and its variants, timed in turn."""
-    import tempfile
-
     from cones_jax import training
     from cones_jax.demo import base_model as bm
     from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
-    from cones_jax.tokenizer import write_clip_tokenizer
+    from cones_jax.tokenizer import clip_vocabulary
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_clip_tokenizer(tmp, bm.vocabulary(), max_length=bm.MAX_LENGTH).vocab_size
-    text, _ = bm.models(vocab_size)
+    text, _ = bm.models(len(clip_vocabulary(bm.vocabulary())[0]))
     side = bm.UNET["sample_size"]
     rng = np.random.default_rng(0)
     batch = {"mean": rng.standard_normal((args.batch, side, side, 4)).astype(np.float32),
@@ -332,16 +331,24 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
 
     def timed_step(name: str) -> float:
         t0 = time.perf_counter()
-        states[name], m = steps[name](states[name], batch)
+        states[name], m = steps[name](states[name], batches[name])
         jax.block_until_ready(m["loss"])
         return time.perf_counter() - t0
 
+    # grounding targets as sparse as real captions' (a few trait words, objects on a tenth of the grid)
+    grounded = dict(batch, **{f"ground_{s * s}": (rng.random((args.batch, s * s, bm.MAX_LENGTH)) < 0.01
+                                                  ).astype(np.float32) for s in bm.cross_attention_sides(
+                                                      UNet2DConditionModel(UNetConfig.from_dict(bm.UNET)))})
+    batches = {}
     for name, change in DEMO_VARIANTS.items():
-        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change)))
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change.get("unet", {}))))
         params = {"text_encoder": bm.init_params(text, *inputs["text_encoder"], seed=0),
                   "unet": bm.init_params(unet, *inputs["unet"], seed=1)}
         params_n[name] = sum(x.size for x in jax.tree.leaves(params))
-        steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0), opt, mesh, frozen={})
+        weight = change.get("grounding_weight", 0.0)
+        batches[name] = grounded if weight else batch
+        steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0, grounding_weight=weight),
+                                               opt, mesh, frozen={})
         states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))
         compile_s[name] = timed_step(name)  # the first call compiles
     times = {name: [] for name in DEMO_VARIANTS}

@@ -302,17 +302,8 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def write_clip_tokenizer(folder: str, words: list[str], *, pad_token: str = EOS_TOKEN, max_length: int = 77,
-                         max_merges: int | None = None) -> ClipTokenizer:
-    """Writes a small CLIP-format tokenizer (vocab.json, merges.txt, tokenizer_config.json,
-    special_tokens_map.json) to `folder` and returns it loaded.
-
-    The vocabulary is CLIP's layout in miniature: the 256 byte characters, the same with `</w>`,
-    one token per merge, then `<|startoftext|>` and `<|endoftext|>`. Merges are added so that every
-    word (each word of each listed phrase) becomes a single token, the most frequent first; with
-    `max_merges` the rarer ones stay split. Any other word is spelled with shorter pieces, down to
-    single bytes. `pad_token="!"` mimics SD 2.x (pad id 0, the id of "!").
-    """
+def clip_vocabulary(words: list[str], *, max_merges: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocab and merges that `write_clip_tokenizer` writes for `words` (pure: no files)."""
     chars = byte_characters()
     vocab: dict[str, int] = {}
     for tok in chars + [c + _EOW for c in chars]:
@@ -340,6 +331,21 @@ def write_clip_tokenizer(folder: str, words: list[str], *, pad_token: str = EOS_
             symbols = [pair[0] + pair[1]] + symbols[2:]
     for tok in (BOS_TOKEN, EOS_TOKEN):
         vocab[tok] = len(vocab)
+    return vocab, merges
+
+
+def write_clip_tokenizer(folder: str, words: list[str], *, pad_token: str = EOS_TOKEN, max_length: int = 77,
+                         max_merges: int | None = None) -> ClipTokenizer:
+    """Writes a small CLIP-format tokenizer (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) to `folder` and returns it loaded.
+
+    The vocabulary is CLIP's layout in miniature: the 256 byte characters, the same with `</w>`,
+    one token per merge, then `<|startoftext|>` and `<|endoftext|>`. Merges are added so that every
+    word (each word of each listed phrase) becomes a single token, the most frequent first; with
+    `max_merges` the rarer ones stay split. Any other word is spelled with shorter pieces, down to
+    single bytes. `pad_token="!"` mimics SD 2.x (pad id 0, the id of "!").
+    """
+    vocab, merges = clip_vocabulary(words, max_merges=max_merges)
     if pad_token not in vocab:
         raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary (use {EOS_TOKEN!r} or '!')")
 

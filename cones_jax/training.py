@@ -243,13 +243,17 @@ LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 def denoising_errors(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array,
                      noise_BxhxwxC: jax.Array, t_B: jax.Array, alphas_cumprod_T: jax.Array,
-                     prediction_type: str) -> jax.Array:
+                     prediction_type: str, *, with_attention: bool = False):
     """Per-example mean squared error [B] of the UNet's ε or v prediction for latents noised to level t:
-    the denoising loss every trainer here builds on."""
+    the denoising loss every trainer here builds on. With `with_attention`, also the cross-attention
+    probabilities of every layer (the UNet's sown "intermediates", each [B, Q, K], head-averaged)."""
     noisy_BxhxwxC = add_noise(alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
-    pred_BxhxwxC = unet.apply({"params": unet_params}, noisy_BxhxwxC, t_B, cond_BxLxD).astype(jnp.float32)
+    out = unet.apply({"params": unet_params}, noisy_BxhxwxC, t_B, cond_BxLxD, sow_attention=with_attention,
+                     mutable=["intermediates"] if with_attention else False)
+    pred_BxhxwxC, sown = out if with_attention else (out, None)
     target_BxhxwxC = training_target(prediction_type, alphas_cumprod_T, latents_BxhxwxC, noise_BxhxwxC, t_B)
-    return jnp.mean(jnp.square(pred_BxhxwxC - target_BxhxwxC), axis=(1, 2, 3))
+    errors_B = jnp.mean(jnp.square(pred_BxhxwxC.astype(jnp.float32) - target_BxhxwxC), axis=(1, 2, 3))
+    return (errors_B, sown["intermediates"]) if with_attention else errors_B
 
 
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float = 0.999):

@@ -35,8 +35,10 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
 
 
 def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
-    # the recipe against one small variant, so the test compiles two steps, not the real variants' sizes
-    monkeypatch.setattr(bench, "DEMO_VARIANTS", {"recipe": {}, "narrow": dict(block_out_channels=[8, 16, 32])})
+    # the recipe against one small variant (with the grounding loss), so the test compiles two steps,
+    # not the real variants' sizes
+    narrow = dict(unet=dict(block_out_channels=[8, 16, 32]), grounding_weight=0.05)
+    monkeypatch.setattr(bench, "DEMO_VARIANTS", {"recipe": {}, "narrow": narrow})
     result = bench.main(["demo-step", "--batch", "1", "--iters", "1"])
     assert set(result["median_s"]) == {"recipe", "narrow"} and all(v > 0 for v in result["median_s"].values())
     assert result["params"]["narrow"] < result["params"]["recipe"]

@@ -47,9 +47,10 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     words = base_model.vocabulary()
-    from cones_jax.tokenizer import write_clip_tokenizer
+    from cones_jax.tokenizer import clip_vocabulary, write_clip_tokenizer
 
     tok = write_clip_tokenizer(str(tmp_path / "tok"), words, max_length=base_model.MAX_LENGTH)
+    assert len(clip_vocabulary(words)[0]) == tok.vocab_size  # what bench demo-step builds its model from
     text, unet = base_model.models(tok.vocab_size)
     vae = base_model.vae_module()
 
@@ -219,3 +220,86 @@ def test_timestep_power_trains_more_on_high_noise(capsys):
     with pytest.raises(SystemExit):
         base_model.main(["--workdir", "unused", "--timestep-power", "-1"])
     assert "--timestep-power -1.0 is negative" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    return write_clip_tokenizer(str(tmp_path_factory.mktemp("tok")), base_model.vocabulary(),
+                                max_length=base_model.MAX_LENGTH)
+
+
+def test_grounding_targets_cover_each_trait_words_objects(demo_tokenizer):
+    red_star = world.Thing("star", "red", "striped", box=(4.0, 4.0, 28.0, 28.0))
+    red_ring = world.Thing("ring", "red", box=(36.0, 36.0, 60.0, 60.0))
+    blue_star = world.Thing("star", "blue", box=(36.0, 4.0, 60.0, 28.0))
+    scene = world.Scene((red_star, red_ring, blue_star), "grey", seed=0)
+    caption = "a red striped star , a red ring and a blue star on a grey background"
+    ids = demo_tokenizer.encode([caption])
+    targets = base_model.grounding_targets([scene], ids, base_model.grounded_word_ids(demo_tokenizer), (16, 8))
+    assert set(targets) == {"ground_256", "ground_64"} and targets["ground_256"].shape == (1, 256, ids.shape[1])
+    words = ["<start>"] + caption.split()
+
+    def cover(word):
+        return targets["ground_256"][0, :, words.index(word)].reshape(16, 16)
+
+    def body(t):
+        x0, y0, x1, y1 = t.box
+        return world.shape_mask(t.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, 64).reshape(
+            16, 4, 16, 4).mean(axis=(1, 3))
+
+    np.testing.assert_allclose(cover("red"), np.maximum(body(red_star), body(red_ring)), atol=1e-6)
+    np.testing.assert_allclose(cover("star"), np.maximum(body(red_star), body(blue_star)), atol=1e-6)
+    np.testing.assert_allclose(cover("striped"), body(red_star), atol=1e-6)
+    assert 0 < cover("ring").sum() < body(world.Thing("circle", "red", box=red_ring.box)).sum()  # its hole
+    for k, w in enumerate(words):  # every other token (and the padding) is left out of the loss
+        if w not in base_model.GROUNDED_WORDS:
+            assert not targets["ground_256"][0, :, k].any() and not targets["ground_64"][0, :, k].any(), w
+    np.testing.assert_allclose(targets["ground_64"][0].sum(0), targets["ground_256"][0].sum(0) / 4, rtol=1e-5)
+
+
+def test_grounding_loss_is_the_share_of_attention_off_the_object():
+    cover = np.zeros((2, 4, 3), np.float32)
+    cover[0, :2, 1] = 1.0  # token 1 of example 0 names an object on the first two of four cells
+    cover[1, 3, 2] = 0.5   # token 2 of example 1: half a cell
+    batch = {"ground_4": jnp.asarray(cover)}
+    on_object = np.zeros((2, 4, 3), np.float32)
+    on_object[0, :2, :] = 0.5
+    on_object[1, 3, :] = 1.0
+    # all of token 1's mass on its cells; token 2 of example 1: 1 - 0.5 = 0.5 of it off the object
+    assert float(base_model.grounding_loss({"a": jnp.asarray(on_object)}, batch)) == pytest.approx(0.5 * 0.25)
+    uniform = jnp.full((2, 4, 3), 0.25)
+    want = 0.5 * ((1 - 0.5) ** 2 + (1 - 0.125) ** 2)
+    assert float(base_model.grounding_loss({"a": uniform, "b": uniform}, batch)) == pytest.approx(want)
+    assert float(base_model.grounding_loss({"a": uniform}, {"ground_4": jnp.zeros((2, 4, 3))})) == 0.0
+
+
+def test_grounding_weight_adds_a_term_and_zero_keeps_the_old_loss(demo_tokenizer, capsys):
+    text, unet = base_model.models(demo_tokenizer.vocab_size)
+    assert base_model.cross_attention_sides(unet) == (16, 8)
+    inputs = base_model.init_inputs()
+    params = {"text_encoder": base_model.init_params(text, *inputs["text_encoder"], seed=2),
+              "unet": base_model.init_params(unet, *inputs["unet"], seed=3)}
+    scenes = [world.random_scene(i) for i in range(2)]
+    ids = demo_tokenizer.encode([world.caption(s) for s in scenes])
+    rng = np.random.default_rng(0)
+    batch = {"mean": rng.standard_normal((2, 32, 32, 4)).astype(np.float32),
+             "std": np.full((2, 32, 32, 4), 0.01, np.float32), "ids": ids}
+    grounded = dict(batch, **base_model.grounding_targets(scenes, ids, base_model.grounded_word_ids(demo_tokenizer),
+                                                          (16, 8)))
+    key = jax.random.PRNGKey(0)
+    plain, parts = base_model.make_diffusion_loss(unet, text, 0.5)(params, None, batch, key)
+    assert set(parts) == {"mse"}
+    loss_fn = base_model.make_diffusion_loss(unet, text, 0.5, grounding_weight=0.1)
+    total, gparts = loss_fn(params, None, grounded, key)
+    assert float(gparts["mse"]) == pytest.approx(float(parts["mse"]), rel=1e-5)
+    assert 0.0 < float(gparts["ground"]) < 1.0
+    assert float(total) == pytest.approx(float(plain) + 0.1 * float(gparts["ground"]), rel=1e-5)
+    grads = jax.grad(lambda p: loss_fn(p, None, grounded, key)[1]["ground"])(params)
+    to_k = grads["unet"]["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]["kernel"]
+    assert float(jnp.abs(to_k).sum()) > 0  # the keys learn where words attend
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads["text_encoder"]))) > 0
+    with pytest.raises(SystemExit):
+        base_model.main(["--workdir", "unused", "--grounding-weight", "-0.1"])
+    assert "--grounding-weight -0.1 is negative" in capsys.readouterr().err

@@ -239,10 +239,75 @@ def sample_timesteps(rng, n: int, num_train_timesteps: int, power: float = 0.0):
     return jnp.minimum(t, num_train_timesteps - 1)
 
 
+# Caption words that name a trait of one or more objects of the scene (sizes name none: they are relative).
+GROUNDED_WORDS = tuple(world.SHAPES) + tuple(world.COLOURS) + tuple(p for p in world.PATTERNS if p != "solid")
+
+
+def cross_attention_sides(unet: UNet2DConditionModel) -> tuple[int, ...]:
+    """The grid sides (h = w) of the UNet's cross-attention layers, from `jax.eval_shape`."""
+    side = UNET["sample_size"]
+    args = (jax.ShapeDtypeStruct((1, side, side, UNET["in_channels"]), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((1, MAX_LENGTH, UNET["cross_attention_dim"]), jnp.float32))
+    shapes = jax.eval_shape(lambda *a: unet.init_with_output(jax.random.PRNGKey(0), *a, sow_attention=True,
+                                                             mutable=["params", "intermediates"])[1], *args)
+    return tuple(sorted({int(round(np.sqrt(x.shape[1]))) for x in jax.tree.leaves(shapes["intermediates"])},
+                        reverse=True))
+
+
+def grounded_word_ids(tok) -> dict[int, str]:
+    """Token id -> word for GROUNDED_WORDS, each of which the demo tokenizer keeps whole."""
+    out = {}
+    for word in GROUNDED_WORDS:
+        ids = tok.encode([word])[0]
+        if ids[2] != tok.eos_id:
+            raise ValueError(f"the tokenizer splits {word!r}; grounding needs one token per trait word")
+        out[int(ids[1])] = word
+    return out
+
+
+def grounding_targets(scenes, ids_BxL: np.ndarray, word_ids: dict[int, str], sides: tuple[int, ...]) -> dict:
+    """{f"ground_{s*s}": float32 [B, s*s, L]}: for each caption token that names an object trait
+    (`word_ids`: token id -> word), the share of each cell of the s x s grid covered by the objects
+    of its scene with that trait (all of them: "red" grounds in every red object); 0 for other tokens."""
+    size = world.IMAGE_SIZE
+    out = {s: np.zeros((len(scenes), s * s, ids_BxL.shape[1]), np.float32) for s in sides}
+    for b, (scene, ids) in enumerate(zip(scenes, ids_BxL)):
+        cover: dict[str, np.ndarray] = {}
+        for t in scene.things:
+            x0, y0, x1, y1 = t.box
+            body = world.shape_mask(t.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, size).astype(np.float32)
+            for word in (t.shape, t.colour, t.pattern):
+                cover[word] = np.maximum(cover.get(word, 0.0), body)
+        for k, tok in enumerate(ids):
+            word = word_ids.get(int(tok))
+            if word in cover:
+                for s in sides:
+                    out[s][b, :, k] = cover[word].reshape(s, size // s, s, size // s).mean(axis=(1, 3)).reshape(-1)
+    return {f"ground_{s * s}": v for s, v in out.items()}
+
+
+def grounding_loss(attention_tree, batch: dict) -> jax.Array:
+    """Token grounding (TokenCompose's token loss, Wang et al., 2024): for each caption token that names
+    an object trait, (1 - the share of its cross-attention mass that falls on those objects)², averaged
+    over such tokens and over every cross-attention layer. It teaches the model what Stable Diffusion
+    learns from scale and Cones 2's layout guidance relies on: a word's attention sits on its object."""
+    losses = []
+    for probs_BxQxK in jax.tree.leaves(attention_tree):
+        cover_BxQxK = batch[f"ground_{probs_BxQxK.shape[1]}"]
+        grounded_BxK = (jnp.sum(cover_BxQxK, axis=1) > 0).astype(jnp.float32)
+        inside_BxK = jnp.sum(probs_BxQxK * cover_BxQxK, axis=1) / (jnp.sum(probs_BxQxK, axis=1) + 1e-8)
+        losses.append(jnp.sum(grounded_BxK * jnp.square(1.0 - inside_BxK)) / jnp.maximum(jnp.sum(grounded_BxK), 1.0))
+    return jnp.mean(jnp.stack(losses))
+
+
 def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
-                        weighting: str = "clipped_v", timestep_power: float = 0.0):
+                        weighting: str = "clipped_v", timestep_power: float = 0.0, grounding_weight: float = 0.0):
+    """The UNet stage's loss; with `grounding_weight` > 0, plus that times `grounding_loss` (the batch
+    then carries `grounding_targets`)."""
     weight = LOSS_WEIGHTS[weighting]
     ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
+    grounded = grounding_weight > 0.0
 
     def loss_fn(params, frozen, batch, rng):
         del frozen
@@ -253,10 +318,15 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
         t = sample_timesteps(k_t, b, ac_T.shape[0], timestep_power)
         noise = jax.random.normal(k_n, z0.shape)
         ctx = text.apply({"params": params["text_encoder"]}, batch["ids"])["last_hidden_state"]
-        per_example = training.denoising_errors(unet, params["unet"], ctx, z0, noise, t, ac_T,
-                                                SCHEDULER["prediction_type"])
-        mse = jnp.mean(per_example)
-        return jnp.mean(weight(ac_T, t) * per_example), {"mse": mse}
+        out = training.denoising_errors(unet, params["unet"], ctx, z0, noise, t, ac_T,
+                                        SCHEDULER["prediction_type"], with_attention=grounded)
+        per_example, attention = out if grounded else (out, None)
+        loss = jnp.mean(weight(ac_T, t) * per_example)
+        parts = {"mse": jnp.mean(per_example)}
+        if grounded:
+            parts["ground"] = grounding_loss(attention, batch)
+            loss = loss + grounding_weight * parts["ground"]
+        return loss, parts
 
     return loss_fn
 
@@ -449,6 +519,9 @@ def main(argv=None) -> int:
     p.add_argument("--timestep-power", type=float, default=0.0, metavar="K",
                    help="draw UNet training timesteps with density proportional to (t/T)^K (default 0: uniform); "
                         "K > 0 trains more on the high-noise steps, where a sample's layout and shapes are decided")
+    p.add_argument("--grounding-weight", type=float, default=0.0, metavar="W",
+                   help="add W times a token grounding loss (each shape, colour and pattern word's cross-attention "
+                        "on its objects, from the renderer's masks; default 0: none)")
     p.add_argument("--init-from", metavar="DIR",
                    help="an exported demo folder to continue from: its VAE is kept and its UNet and text encoder "
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
@@ -459,6 +532,8 @@ def main(argv=None) -> int:
         p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
     if args.timestep_power < 0.0:
         p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
+    if args.grounding_weight < 0.0:
+        p.error(f"--grounding-weight {args.grounding_weight} is negative; use 0 for no grounding loss")
     os.makedirs(args.workdir, exist_ok=True)
     from cones_jax.tokenizer import write_clip_tokenizer
 
@@ -524,13 +599,19 @@ def main(argv=None) -> int:
     singles = np.flatnonzero([len(s.things) == 1 for s in scenes])
     n_single = round(args.single_object_fraction * args.batch)
 
+    sides = cross_attention_sides(unet)
+    word_ids = grounded_word_ids(tok)
+
     def batches(step):
         idx = unet_batch_indices(step, args.batch, len(mean), singles, n_single, prior)
         rng = training.data_rng(step, seed=DATA_SEED + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
-        return {"mean": mean[idx], "std": std[idx], "ids": ids}
+        batch = {"mean": mean[idx], "std": std[idx], "ids": ids}
+        if args.grounding_weight:
+            batch.update(grounding_targets([scenes[i] for i in idx], np.asarray(ids), word_ids, sides))
+        return batch
 
-    loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power)
+    loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power, args.grounding_weight)
     state = train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
                         batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
     ema = jax.device_get(state["ema"])

@@ -4,7 +4,8 @@
 
 Prints the single-object gate on one seed per colour x shape (49 samples), how much the model's
 denoising loss rises when a caption's shape or colour word is swapped (per noise level; near 0 for
-a word the model ignores), and writes one PNG grid:
+a word the model ignores), how much of a shape or colour word's cross-attention falls on its
+object, and writes one PNG grid:
   row 1      renders of a big red star, blue heart, green triangle and yellow square on grey;
   rows 2-6   the model's one-shot x₀ prediction from those latents noised to t = 100 ... 900;
   rows 7-14  DDIM from those noised latents (t = 500, 700, 850, 999; CFG 1, then 5) down to 0.
@@ -71,6 +72,49 @@ def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> 
     return out
 
 
+def word_localization(sd, timesteps=(300, 600, 850), n: int = 32) -> dict[int, dict[str, float]]:
+    """How much of a trait word's cross-attention falls on its object: for `n` two-object renders on
+    grey captioned "a {colour} {shape} and a {colour} {shape} ...", noised to each t, the share of
+    each shape word's and colour word's attention mass (all cross-attention layers) on its object's
+    pixels, beside the share of the grid those pixels cover (what attention blind to place gets):
+    {t: {"shape": share, "colour": share, "area": share}}. Layout guidance moves a subject by its
+    word's attention, so a model whose words do not sit on their objects cannot be steered by it."""
+    from cones_jax.demo import base_model
+
+    shapes, colours = list(world.SHAPES), list(world.COLOURS)
+    rng = np.random.default_rng(0)
+    scenes, captions = [], []
+    for i in range(n):
+        a = world.Thing(shapes[i % 7], colours[3 * i % 7], size="big")
+        b = world.Thing(shapes[(i + 2) % 7], colours[(3 * i + 1) % 7], size="big")
+        scenes.append(world.Scene(tuple(world.place_things(rng, [a, b])), "grey", seed=i))
+        captions.append(f"a {a.colour} {a.shape} and a {b.colour} {b.shape} on a grey background")
+    ids = sd.tokenizer.encode(captions)
+    word_ids = base_model.grounded_word_ids(sd.tokenizer)
+    kind = {i: "shape" if w in world.SHAPES else "colour" for i, w in word_ids.items()}
+    z0 = _scaled_latents(sd, np.stack([world.render(s) for s in scenes]))
+    ctx = _context(sd, captions)
+    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
+    attention = jax.jit(lambda noise, t: training.denoising_errors(
+        sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((n,), t), ac, sd.scheduler.prediction_type,
+        with_attention=True)[1])
+    out = {}
+    for t in timesteps:
+        probs = jax.tree.leaves(attention(jax.random.normal(jax.random.PRNGKey(t), z0.shape), t))
+        sides = tuple(int(round(np.sqrt(p.shape[1]))) for p in probs)
+        cover = base_model.grounding_targets(scenes, ids, word_ids, tuple(set(sides)))
+        share = {"shape": [], "colour": [], "area": []}
+        for p in probs:
+            p = np.asarray(p)
+            c = cover[f"ground_{p.shape[1]}"]
+            inside = (p * c).sum(1) / p.sum(1)  # [B, K]
+            for b, k in zip(*np.nonzero(c.sum(1))):
+                share[kind[int(ids[b, k])]].append(inside[b, k])
+                share["area"].append(c[b, :, k].mean())
+        out[t] = {k: float(np.mean(v)) for k, v in share.items()}
+    return out
+
+
 def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
     """The uint8 grid described in the module docstring (v-prediction models only)."""
     if sd.scheduler.prediction_type != "v_prediction":
@@ -124,6 +168,9 @@ def main(argv=None) -> int:
     for t, rise in caption_sensitivity(sd).items():
         print(f"t = {t}: loss +{100 * rise['shape']:.1f}% with another shape word, "
               f"+{100 * rise['colour']:.1f}% with another colour word")
+    for t, share in word_localization(sd).items():
+        print(f"t = {t}: {100 * share['shape']:.0f}% of a shape word's attention and {100 * share['colour']:.0f}% "
+              f"of a colour word's on its object, which covers {100 * share['area']:.0f}% of the grid")
     grid = probe_grid(sd)
     save_png(args.out, Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST))
     print(f"wrote {args.out}")
