@@ -244,11 +244,11 @@ GROUNDED_WORDS = tuple(world.SHAPES) + tuple(world.COLOURS) + tuple(p for p in w
 
 
 def cross_attention_sides(unet: UNet2DConditionModel) -> tuple[int, ...]:
-    """The grid sides (h = w) of the UNet's cross-attention layers, from `jax.eval_shape`."""
-    side = UNET["sample_size"]
-    args = (jax.ShapeDtypeStruct((1, side, side, UNET["in_channels"]), jnp.float32),
+    """The grid sides (h = w) of the UNet's cross-attention layers at its sample size, from `jax.eval_shape`."""
+    cfg = unet.config
+    args = (jax.ShapeDtypeStruct((1, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32),
             jax.ShapeDtypeStruct((1,), jnp.float32),
-            jax.ShapeDtypeStruct((1, MAX_LENGTH, UNET["cross_attention_dim"]), jnp.float32))
+            jax.ShapeDtypeStruct((1, MAX_LENGTH, cfg.cross_attention_dim), jnp.float32))
     shapes = jax.eval_shape(lambda *a: unet.init_with_output(jax.random.PRNGKey(0), *a, sow_attention=True,
                                                              mutable=["params", "intermediates"])[1], *args)
     return tuple(sorted({int(round(np.sqrt(x.shape[1]))) for x in jax.tree.leaves(shapes["intermediates"])},
@@ -279,12 +279,19 @@ def grounding_targets(scenes, ids_BxL: np.ndarray, word_ids: dict[int, str], sid
             body = world.shape_mask(t.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, size).astype(np.float32)
             for word in (t.shape, t.colour, t.pattern):
                 cover[word] = np.maximum(cover.get(word, 0.0), body)
+        pooled = {word: {s: m.reshape(s, size // s, s, size // s).mean(axis=(1, 3)).reshape(-1) for s in sides}
+                  for word, m in cover.items()}
         for k, tok in enumerate(ids):
             word = word_ids.get(int(tok))
-            if word in cover:
+            if word in pooled:
                 for s in sides:
-                    out[s][b, :, k] = cover[word].reshape(s, size // s, s, size // s).mean(axis=(1, 3)).reshape(-1)
+                    out[s][b, :, k] = pooled[word][s]
     return {f"ground_{s * s}": v for s, v in out.items()}
+
+
+def attention_share(probs_BxQxK, cover_BxQxK):
+    """[B, K]: the share of each token's attention mass that falls on its cover (`grounding_targets`)."""
+    return jnp.sum(probs_BxQxK * cover_BxQxK, axis=1) / (jnp.sum(probs_BxQxK, axis=1) + 1e-8)
 
 
 def grounding_loss(attention_tree, batch: dict) -> jax.Array:
@@ -296,7 +303,7 @@ def grounding_loss(attention_tree, batch: dict) -> jax.Array:
     for probs_BxQxK in jax.tree.leaves(attention_tree):
         cover_BxQxK = batch[f"ground_{probs_BxQxK.shape[1]}"]
         grounded_BxK = (jnp.sum(cover_BxQxK, axis=1) > 0).astype(jnp.float32)
-        inside_BxK = jnp.sum(probs_BxQxK * cover_BxQxK, axis=1) / (jnp.sum(probs_BxQxK, axis=1) + 1e-8)
+        inside_BxK = attention_share(probs_BxQxK, cover_BxQxK)
         losses.append(jnp.sum(grounded_BxK * jnp.square(1.0 - inside_BxK)) / jnp.maximum(jnp.sum(grounded_BxK), 1.0))
     return jnp.mean(jnp.stack(losses))
 

@@ -98,19 +98,17 @@ def word_localization(sd, timesteps=(300, 600, 850), n: int = 32) -> dict[int, d
     attention = jax.jit(lambda noise, t: training.denoising_errors(
         sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((n,), t), ac, sd.scheduler.prediction_type,
         with_attention=True)[1])
+    cover = base_model.grounding_targets(scenes, ids, word_ids, base_model.cross_attention_sides(sd.unet))
+    grounded = {key: list(zip(*np.nonzero(c.sum(1)))) for key, c in cover.items()}  # (example, token) pairs
     out = {}
     for t in timesteps:
-        probs = jax.tree.leaves(attention(jax.random.normal(jax.random.PRNGKey(t), z0.shape), t))
-        sides = tuple(int(round(np.sqrt(p.shape[1]))) for p in probs)
-        cover = base_model.grounding_targets(scenes, ids, word_ids, tuple(set(sides)))
         share = {"shape": [], "colour": [], "area": []}
-        for p in probs:
-            p = np.asarray(p)
-            c = cover[f"ground_{p.shape[1]}"]
-            inside = (p * c).sum(1) / p.sum(1)  # [B, K]
-            for b, k in zip(*np.nonzero(c.sum(1))):
+        for p in jax.tree.leaves(attention(jax.random.normal(jax.random.PRNGKey(t), z0.shape), t)):
+            key = f"ground_{p.shape[1]}"
+            inside = np.asarray(base_model.attention_share(p, cover[key]))
+            for b, k in grounded[key]:
                 share[kind[int(ids[b, k])]].append(inside[b, k])
-                share["area"].append(c[b, :, k].mean())
+                share["area"].append(cover[key][b, :, k].mean())
         out[t] = {k: float(np.mean(v)) for k, v in share.items()}
     return out
 
