@@ -417,12 +417,19 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------
 
 
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics: the loss first, then each of its parts (the
+    loss alone hides which term moves when a recipe adds one); not the gradient norm."""
+    keys = ["loss"] + [k for k in metrics if k not in ("loss", "grad_norm")]
+    return {k: f"{metrics[k]:.4f}" for k in keys}
+
+
 def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *, total_steps: int,
              checkpointer: Checkpointer | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
     """Runs `step_fn` from `state["step"]` to `total_steps`; `batches(step)` gives the host batch.
 
-    Prints compile time apart from the steps; a tqdm bar shows loss and steps/s. Returns the final
+    Prints compile time apart from the steps; a tqdm bar shows the loss, its parts and steps/s. Returns the final
     state and the per-step metrics (as Python floats).
     """
     from tqdm import tqdm
@@ -446,7 +453,7 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower the learning rate")
         history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        bar.set_postfix(progress_fields(metrics), refresh=False)
         if checkpointer is not None:
             checkpointer.maybe_save(step + 1, state, final=step + 1 == total_steps)
     seconds = time.perf_counter() - t0

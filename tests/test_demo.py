@@ -1,6 +1,7 @@
 """The shapes world: deterministic scenes and captions, the shipped detector's accuracy on held-out
 renders, and the base model's diffusers export (PyTorch diffusers loads it and computes what we do)."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cones_jax import training
+from cones_jax import convert, training
 from cones_jax.demo import base_model, detect, evaluate, world
 
 DETECTOR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "demo_world", "detector.safetensors")
@@ -84,6 +85,17 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     rise = diagnose.caption_sensitivity(load_pipeline(out), timesteps=(850,), draws=1)
     assert set(rise) == {850} and all(np.isfinite(v) for v in rise[850].values())
     assert rise[850]["colour"] != 0.0  # random weights read every word a little
+    # with every cross-attention key zeroed, a word's attention is the same at every pixel, so the
+    # share on its object is the object's area: the diagnostic's baseline
+    sd = load_pipeline(out)
+    flat = convert.flatten(sd.params["unet"])
+    blind = dataclasses.replace(sd, params=dict(sd.params, unet=convert.unflatten(
+        {k: np.zeros_like(v) if "attn2" in k and "to_k" in k else v for k, v in flat.items()})))
+    loc = diagnose.word_localization(blind, timesteps=(600,), n=4)[600]
+    assert loc["shape"] == pytest.approx(loc["area"], rel=1e-3) and loc["colour"] == pytest.approx(loc["area"], rel=1e-3)
+    assert 0.02 < loc["area"] < 0.3, loc
+    loc = diagnose.word_localization(sd, timesteps=(600,), n=4)[600]
+    assert loc["shape"] != pytest.approx(loc["area"], rel=1e-3), loc  # a model that sees the text is not blind
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
                               load_pipeline(out))

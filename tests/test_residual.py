@@ -202,6 +202,9 @@ def test_loss_falls(setup, eval_loss):
     state, hist = training.run_loop(step, step.put_state(state0), setup.host_batch, total_steps=30, progress=False,
                                     log=lambda s: None)
     assert hist[0]["loss_reg"] == pytest.approx(0.0, abs=1e-6) and hist[-1]["loss_reg"] > 0
+    shown = training.progress_fields(hist[-1])  # the bar names the loss first, then its parts
+    assert list(shown)[0] == "loss" and {"loss_sub", "loss_reg"} <= set(shown) and "grad_norm" not in shown
+    assert float(shown["loss_reg"]) == pytest.approx(hist[-1]["loss_reg"], abs=1e-4)
     assert int(state["step"]) == 30
     # Evaluated on fixed noise/timesteps, so the comparison is not drowned by the sampling noise.
     batch = _fixed_batch(setup, 2)

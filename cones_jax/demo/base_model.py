@@ -171,7 +171,9 @@ def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int
     state, history = training.run_loop(step_fn, state, batches, total_steps=steps, checkpointer=ckpt, log=_log)
     ckpt.close()
     if history:
-        _log(f"{name}: final loss {np.mean([h['loss'] for h in history[-100:]]):.4f}")
+        last = history[-100:]
+        parts = ", ".join(f"{k} {np.mean([h[k] for h in last]):.4f}" for k in last[0] if k != "grad_norm")
+        _log(f"{name}: mean of the last {len(last)} steps: {parts}")
     return state
 
 
