@@ -315,3 +315,12 @@ def test_grounding_weight_adds_a_term_and_zero_keeps_the_old_loss(demo_tokenizer
     with pytest.raises(SystemExit):
         base_model.main(["--workdir", "unused", "--grounding-weight", "-0.1"])
     assert "--grounding-weight -0.1 is negative" in capsys.readouterr().err
+
+
+def test_evaluate_cli_refuses_a_bad_override_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "/nonexistent", "--set", "self_recurence=False"])
+    assert e.value.code == 2 and "has no key 'self_recurence'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "/nonexistent", "--set", "steps"])
+    assert "must look like key=value" in capsys.readouterr().err

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from cones_jax import generate as gen, guidance, layout as layout_lib, sampling
-from cones_jax.config import load_config
+from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, world
 
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,9 +187,9 @@ SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
 def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
              residual_dir: str = os.path.join(DEMO_WORLD, "residuals"), cases: Sequence[Case] | None = None,
              steps: int | None = None, residuals: Sequence[bool] = (False, True),
-             settings: Sequence[str] = tuple(SETTINGS), log=print) -> list[dict]:
+             settings: Sequence[str] = tuple(SETTINGS), overrides: dict | None = None, log=print) -> list[dict]:
     """One row per (preset, setting, residuals) with the mean scores per number of subjects;
-    `settings` picks rows of SETTINGS."""
+    `settings` picks rows of SETTINGS; `overrides` (key -> value) change every preset alike."""
     cases = list(cases or suite())
     case_of_image = [c for c in cases for _ in seeds]  # sample_layouts' order
     rows = []
@@ -197,7 +197,7 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
         guided, pos, neg = SETTINGS[name]
         if not guided and preset != presets[0]:
             continue  # no guidance is the same for every preset
-        cfg = load_config(preset)
+        cfg = load_config(preset, overrides)
         if steps:
             cfg["steps"] = steps
             cfg["guidance_steps"] = min(cfg["guidance_steps"], steps)
@@ -268,7 +268,15 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["official", "paper"])
     p.add_argument("--gate-seeds", type=int, default=4, help="seeds per colour x shape for the single-object gate")
     p.add_argument("--gate-only", action="store_true", help="only the base model's single-object gate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of every preset (e.g. self_recurrence=False)")
     args = p.parse_args(argv)
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        for preset in args.presets:
+            load_config(preset, overrides)
+    except ValueError as e:
+        p.error(str(e))
     t0 = time.time()
     det = detect.load_detector(args.detector)
     sd = load_pipeline(args.model)
@@ -285,7 +293,7 @@ def main(argv=None) -> int:
     print("cells: all subjects placed / identity / confusion / text alignment, in %")
     print(TABLE_HEADER)
     evaluate(sd, det, seeds=seeds, presets=args.presets, residual_dir=args.residuals, steps=args.steps,
-             residuals=(False, True) if have_res else (False,))
+             residuals=(False, True) if have_res else (False,), overrides=overrides)
     print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
     return 0
 
