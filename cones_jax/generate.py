@@ -118,9 +118,10 @@ def guidance_sigmas(cfg: dict, schedule: schedulers.Schedule, guidance_steps: in
     return out
 
 
-def build_inputs(sd, prepared: Sequence[Prepared], noise: np.ndarray, cfg: dict, rng, *, guided: bool
-                 ) -> sampling.SampleInputs:
-    """Stacks per-image arrays into one batch of sampler inputs."""
+def build_inputs(sd, prepared: Sequence[Prepared], noise: np.ndarray, cfg: dict, seeds: Sequence[int], *,
+                 guided: bool) -> sampling.SampleInputs:
+    """Stacks per-image arrays into one batch of sampler inputs; `seeds` (one per image) key each
+    image's self-recurrence noise, as `initial_noise` keys its starting noise."""
     b = len(prepared)
     g = None
     if guided:
@@ -131,12 +132,12 @@ def build_inputs(sd, prepared: Sequence[Prepared], noise: np.ndarray, cfg: dict,
         prompt_ids=jnp.asarray(np.stack([p.prompt_ids for p in prepared]), jnp.int32),
         negative_ids=jnp.asarray(np.stack([p.negative_ids for p in prepared]), jnp.int32),
         token_residuals=jnp.asarray(np.stack([p.residual_rows for p in prepared])),
-        noise=jnp.asarray(noise), cfg_scale=jnp.float32(cfg["cfg_scale"]), rng=rng,
+        noise=jnp.asarray(noise), cfg_scale=jnp.float32(cfg["cfg_scale"]), renoise_keys=renoise_keys(seeds),
         guidance=g, guided_steps=jnp.int32(cfg["guidance_steps"] if guided else 0))
 
 
 def shard_batch(inputs: sampling.SampleInputs, mesh: Mesh) -> sampling.SampleInputs:
-    """Per-image arrays split over the mesh's data axis; scalars, keys and schedules replicated."""
+    """Per-image arrays (and keys) split over the mesh's data axis; scalars and schedules replicated."""
     data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     put = lambda x, s: jax.device_put(x, s)
     g = inputs.guidance
@@ -146,7 +147,7 @@ def shard_batch(inputs: sampling.SampleInputs, mesh: Mesh) -> sampling.SampleInp
     return inputs.replace(
         prompt_ids=put(inputs.prompt_ids, data), negative_ids=put(inputs.negative_ids, data),
         token_residuals=put(inputs.token_residuals, data), noise=put(inputs.noise, data),
-        cfg_scale=put(inputs.cfg_scale, rep), rng=put(inputs.rng, rep), guidance=g,
+        cfg_scale=put(inputs.cfg_scale, rep), renoise_keys=put(inputs.renoise_keys, data), guidance=g,
         guided_steps=put(inputs.guided_steps, rep))
 
 
@@ -155,6 +156,12 @@ def make_schedule(sd, cfg: dict) -> schedulers.Schedule:
     if cfg.get("timestep_spacing"):
         sched_cfg = dataclasses.replace(sched_cfg, timestep_spacing=cfg["timestep_spacing"])
     return schedulers.make_schedule(cfg["scheduler"], sched_cfg, cfg["steps"])
+
+
+def renoise_keys(seeds: Sequence[int]) -> jax.Array:
+    """[B, 2] PRNG keys of the images' self-recurrence noise, one per seed (a stream apart from
+    `initial_noise`'s): the same seed gives the same image whatever else is in its batch."""
+    return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), 1) for s in seeds])
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -290,11 +297,9 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
         log(f"shut {sum(len(v) for v in neurons_lib.union(sets).values())} concept neurons from {len(sets)} file(s)")
     params = jax.device_put(params, NamedSharding(mesh, P()))
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
-    rng = jax.random.PRNGKey(seeds[0] + 1_000_003)
-
     def batch_inputs(batch_seeds):
         noise = np.stack([initial_noise(s, lat_shape) for s in batch_seeds])
-        inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, rng, guided=guided)
+        inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, batch_seeds, guided=guided)
         return shard_batch(inputs, mesh)
 
     padded = seeds + [seeds[-1]] * (-len(seeds) % b)
@@ -373,7 +378,7 @@ def sample_prompts(sd, prompts: Sequence[str], seeds: Sequence[int], *, steps: i
             prompt_ids=jnp.asarray(ids[idx]), negative_ids=jnp.asarray(np.stack([neg] * batch)),
             token_residuals=jnp.asarray(rows),
             noise=jnp.asarray(np.stack([initial_noise(int(seeds[i]), lat_shape) for i in idx])),
-            cfg_scale=jnp.float32(cfg_scale), rng=jax.random.PRNGKey(0), guidance=None,
+            cfg_scale=jnp.float32(cfg_scale), renoise_keys=renoise_keys([int(seeds[i]) for i in idx]), guidance=None,
             guided_steps=jnp.int32(0))
         images = np.asarray(sampler(sd.params, schedule, inputs))
         out.extend(_to_uint8(img) for img in images[:real])

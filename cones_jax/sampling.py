@@ -56,7 +56,8 @@ class SampleInputs:
     token_residuals: Array  # [B, L, E] added to the conditional text embeddings (Cones 2, Eq. 6)
     noise: Array  # [B, h, w, C] unit Gaussian
     cfg_scale: Array  # [] classifier-free guidance weight
-    rng: Array  # PRNG key for the noise of self-recurrence
+    renoise_keys: Array  # [B, 2] one PRNG key per image for its self-recurrence noise (keyed by its seed,
+    # so an image does not depend on which others share its batch)
     guidance: Any = None  # pytree handed to the bias function (None: no layout guidance)
     guided_steps: Array = None  # [] int: steps [0, guided_steps) get the bias and self-recurrence
 
@@ -115,7 +116,8 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
                 eps, inter = denoise(params, schedule, context, x, i, inputs)
                 x_next, new_state = schedulers.step(schedule, state, eps, i, x)
                 if spec.self_recurrence:
-                    noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(inputs.rng, i), k), x.shape)
+                    noise = jax.vmap(lambda key: jax.random.normal(
+                        jax.random.fold_in(jax.random.fold_in(key, i), k), x.shape[1:], x.dtype))(inputs.renoise_keys)
                     again = k < reps - 1
                     x_next = jnp.where(again, schedulers.renoise(schedule, x_next, i, noise), x_next)
                     # a redone step must not advance the multistep memory twice

@@ -109,14 +109,14 @@ def test_official_preset_matches_reference(tmp_path):
     sched = gen.make_schedule(sd, cfg)
     cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, GUIDED)
     noise = gen.initial_noise(0, (16, 16, 4))[None]
-    rng = jax.random.PRNGKey(7)
-    inputs = gen.build_inputs(sd, [prep], noise, cfg, rng, guided=True)
+    inputs = gen.build_inputs(sd, [prep], noise, cfg, [0], guided=True)
     sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="euler", steps=STEPS, self_recurrence=True),
                                     guidance.layout_bias)
     ours = np.asarray(sampler(sd.params, sched, inputs))
 
-    renoise = [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), 0),
-                                                             noise.shape)).transpose(0, 3, 1, 2).copy()).double()
+    key = gen.renoise_keys([0])[0]
+    renoise = [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0),
+                                                             noise.shape[1:]))[None].transpose(0, 3, 1, 2).copy()).double()
                for i in range(GUIDED)]
     want = torch_official(pipe, ids, pos["dog"], delta, maps,
                           torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()).double(), renoise)

@@ -67,7 +67,7 @@ def _prepared_inputs(sd, layout_obj, folder, cfg, seeds):
     sched = gen.make_schedule(sd, cfg)
     cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, cfg["guidance_steps"])
     noise = np.stack([gen.initial_noise(s, (16, 16, 4)) for s in seeds])
-    return sched, gen.build_inputs(sd, [prep] * len(seeds), noise, cfg, jax.random.PRNGKey(7), guided=True)
+    return sched, gen.build_inputs(sd, [prep] * len(seeds), noise, cfg, seeds, guided=True)
 
 
 def test_new_layout_does_not_recompile_and_seed_is_deterministic(tiny, tmp_path):
@@ -102,6 +102,21 @@ def test_sharded_batch_equals_single_device(tiny, tmp_path):
     single = np.concatenate([np.asarray(sampler(sd.params, sched, jax.tree_util.tree_map(
         lambda x: x[k:k + 1] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 8 else x, inputs))) for k in range(8)])
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
+
+
+def test_self_recurrence_noise_follows_the_seed(tiny, tmp_path):
+    """Official sampling re-noises every guided step, which at the first step replaces most of the
+    starting noise: the re-noise must come from the image's own seed, or every seed of a call
+    draws the same image, and an image would change with its batch."""
+    _, sd = tiny
+    cfg = load_config("official", {"steps": 3, "guidance_steps": 3})
+    sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="euler", steps=3, self_recurrence=True),
+                                    guidance.layout_bias)
+    sched, pair = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg), [0, 5])
+    _, alone = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg), [5])
+    both = np.asarray(sampler(sd.params, sched, pair))
+    np.testing.assert_allclose(both[1:], np.asarray(sampler(sd.params, sched, alone)), atol=1e-5)
+    assert np.abs(both[0] - both[1]).mean() > 0.02
 
 
 def test_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path, capsys):
