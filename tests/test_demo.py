@@ -144,11 +144,6 @@ def assert_matches_diffusers(folder: str, steps: int = 2, n: int = 1) -> np.ndar
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "demo_model")
 # Until the trained demo model is committed (it is still training), the tests that need it skip;
 # this marker goes when it lands, so that from then on a missing model fails them.
-needs_demo_model = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")),
-                                      reason="the bundled demo model is not shipped yet")
-
-
-@needs_demo_model
 def test_shipped_demo_model_runs_in_diffusers():
     """The shipped folder is a plain diffusers Stable Diffusion: PyTorch diffusers loads it, matches our
     modules on its weights, and draws a red object for "a big red circle" in most of 4 samples."""
@@ -159,17 +154,18 @@ def test_shipped_demo_model_runs_in_diffusers():
     assert (red.sum(axis=(1, 2)) >= 40).sum() >= 3, red.sum(axis=(1, 2))
 
 
-@needs_demo_model
 def test_layout_guidance_places_subjects_better_than_none():
-    """A small run of the evaluation on the shipped model: with full guidance (official preset), the
-    2-subject layouts of the suite get their subjects into their boxes more often than without."""
+    """A small run of the evaluation on the shipped model: with full guidance (official preset at the
+    demo model's λ), the 2-subject layouts of the suite get their subjects into their boxes more
+    often than without."""
     from cones_jax.pipeline import load_pipeline
 
     det = detect.load_detector(DETECTOR)
     sd = load_pipeline(DEMO_MODEL)
     cases = [c for c in evaluate.suite() if len(c.names) == 2]
     rows = evaluate.evaluate(sd, det, seeds=[0, 1, 2, 3], presets=("official",), cases=cases, steps=20,
-                             residuals=(False,), settings=("no guidance", "full guidance"), log=lambda *_: None)
+                             residuals=(False,), settings=("no guidance", "full guidance"),
+                             overrides={"guidance_weight": evaluate.GUIDANCE_WEIGHT}, log=lambda *_: None)
     none, full = (r["placement@2"] for r in rows)
     assert full >= none + 0.2, (none, full)
 

@@ -8,8 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "examples", "demo_model", "model_index.json")),
-                    reason="the bundled demo model is not shipped yet (it is still training)")
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

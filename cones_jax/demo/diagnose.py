@@ -1,6 +1,6 @@
 """Where a demo base model loses shapes: a quick look while it trains.
 
-    python -m cones_jax.demo.diagnose --model examples/demo_checkpoint --out /tmp/diagnose.png
+    python -m cones_jax.demo.diagnose --model examples/demo_model --out /tmp/diagnose.png
 
 Prints the single-object gate on one seed per colour x shape (49 samples), how much the model's
 denoising loss rises when a caption's shape or colour word is swapped (per noise level; near 0 for

@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from cones_jax import generate as gen, guidance, layout as layout_lib, sampling
@@ -48,6 +47,11 @@ BOXES = {
     4: [(0.02, 0.02, 0.48, 0.48), (0.52, 0.02, 0.98, 0.48), (0.02, 0.52, 0.48, 0.98), (0.52, 0.52, 0.98, 0.98)],
 }
 BACKGROUND = "grey"
+
+# λ of the suite's layouts (and of the demo layouts in examples/layouts/). The presets' 0.08 is
+# tuned for Stable Diffusion; on the demo model official guidance at λ = 0.08 placed 27% of
+# 2-subject shapes against 23% unguided, and 62-67% from λ = 0.2 to 0.5 (BENCHMARKS.md, λ sweep).
+GUIDANCE_WEIGHT = 0.3
 
 
 def subject_photos(name: str, n: int = 4, seed: int = 0) -> list[np.ndarray]:
@@ -170,7 +174,7 @@ def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int
     for idx, real in gen.padded_chunks(len(jobs), batch):
         chunk = [jobs[i] for i in idx]
         noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
-        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, jax.random.PRNGKey(idx[0]), guided=guided)
+        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, [s for _, s in chunk], guided=guided)
         images = np.asarray(sampler(sd.params, schedule, inputs))
         out.extend(gen._to_uint8(img) for img in images[:real])
     return np.stack(out)
@@ -269,10 +273,11 @@ def main(argv=None) -> int:
     p.add_argument("--gate-seeds", type=int, default=4, help="seeds per colour x shape for the single-object gate")
     p.add_argument("--gate-only", action="store_true", help="only the base model's single-object gate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of every preset (e.g. self_recurrence=False)")
+                   help="override a value of every preset (e.g. self_recurrence=False); "
+                        f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
     args = p.parse_args(argv)
     try:
-        overrides = dict(parse_override(s) for s in args.set)
+        overrides = {"guidance_weight": GUIDANCE_WEIGHT, **dict(parse_override(s) for s in args.set)}
         for preset in args.presets:
             load_config(preset, overrides)
     except ValueError as e:
