@@ -320,3 +320,6 @@ def test_evaluate_cli_refuses_a_bad_override_before_loading(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "/nonexistent", "--set", "steps"])
     assert "must look like key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "/nonexistent", "--neurons", "/nonexistent", "--identity-only"])
+    assert "lacks sunny.cones" in capsys.readouterr().err

@@ -116,6 +116,14 @@ def _px(box, size=world.IMAGE_SIZE):
     return tuple(v * size for v in box)
 
 
+LOOK = ("shape", "colour", "pattern", "outline", "eyes")
+
+
+def has_look(found: dict, thing: world.Thing) -> bool:
+    """A detected object shows the subject's whole look, hidden traits included."""
+    return all(found[a] == getattr(thing, a) for a in LOOK)
+
+
 def score_image(detector: detect.Detector, image: np.ndarray, case: Case) -> dict[str, float]:
     """Per-image fractions: placement, identity, confusion (over subjects) and text alignment."""
     found = detector.describe(np.stack([detect.crop(image, _px(b)) for b in case.boxes]))
@@ -125,7 +133,7 @@ def score_image(detector: detect.Detector, image: np.ndarray, case: Case) -> dic
         if got is None:
             continue
         place += got["shape"] == want.shape
-        ident += all(got[a] == getattr(want, a) for a in ("shape", "colour", "pattern", "outline", "eyes"))
+        ident += has_look(got, want)
         others = {SUBJECTS[o].shape for j, o in enumerate(case.names) if j != k}
         conf += got["shape"] in others
     anywhere = {d["shape"] for d in detect.find_things(detector, image)}
@@ -247,6 +255,60 @@ def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], step
     return {"shape": shape_ok / n, "colour": colour_ok / n, "colour_and_shape": both / n, "samples": n}
 
 
+# The identifier V* of each subject's concept neurons ("photo of a sks star"); rare letter runs the
+# captions never hold, one per subject so that two subjects' sets can be asked for in one prompt.
+IDENTIFIERS = {"sunny": "sks", "dotty": "zwx", "stripes": "qrv", "boxy": "pkd"}
+PAIRS = (("sunny", "dotty"), ("stripes", "boxy"))
+
+
+def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], residual_dir: str, neuron_dir: str,
+                       steps: int = 20, log=print) -> list[dict]:
+    """Cones against Cones 2 on the same subjects: the share of subjects whose whole look appears in
+    the image, unguided (paper preset's DDIM, no layout), for each subject alone and for the pairs of
+    PAIRS together. Rows: the base model on the identifier prompt ("photo of a sks star"), the same
+    prompt with the subjects' concept neurons shut (the pairs: their sets concatenated), and the
+    residuals on "photo of a star" (the pairs: both residuals, "photo of a star and a heart")."""
+    from cones_jax import neurons as neurons_lib
+
+    cfg = load_config("paper", {"steps": steps})
+    groups = [(n,) for n in SUBJECTS] + [tuple(p) for p in PAIRS]
+    rows = []
+    for method in ("base model, identifier prompt", "concept neurons", "residuals"):
+        for k in (1, 2):
+            sel = [g for g in groups if len(g) == k]
+            t0 = time.perf_counter()
+            found = []
+            for names in sel:
+                ident = method != "residuals"
+                phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if ident else f"a {SUBJECTS[n].shape}"
+                           for n in names]
+                subjects = tuple(layout_lib.Subject(
+                    word=SUBJECTS[n].shape, box=(0.0, 0.0, 1.0, 1.0),
+                    residual=os.path.join(residual_dir, f"{n}.safetensors") if method == "residuals" else None)
+                    for n in names)
+                lay = layout_lib.Layout(prompt="photo of " + world.join_phrases(phrases), subjects=subjects,
+                                        size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
+                model = sd
+                if method == "concept neurons":
+                    sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f"{n}.cones") for n in names],
+                                                      sd.params["unet"])
+                    model = dataclasses.replace(sd, params=dict(
+                        sd.params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets)))
+                for img in sample_layouts(model, [lay], seeds, cfg, guided=False):
+                    things = detect.find_things(detector, img)
+                    found.append([any(has_look(t, SUBJECTS[n]) for t in things) for n in names])
+            row = {"method": method, "subjects": k, "identity": float(np.mean(found)),
+                   "all": float(np.mean([all(f) for f in found])), "images": len(found),
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            log(f"| {method} | {k} | {100 * row['identity']:.0f}% | {100 * row['all']:.0f}% | {len(found)} |")
+    return rows
+
+
+IDENTITY_HEADER = ("| method | subjects per image | subjects with their whole look | images with all of them | images |\n"
+                   "|---|---|---|---|---|")
+
+
 def format_row(row: dict) -> str:
     cells = [row["preset"], row["setting"], "yes" if row["residuals"] else "no"]
     for k in (1, 2, 3, 4):
@@ -272,6 +334,9 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["official", "paper"])
     p.add_argument("--gate-seeds", type=int, default=4, help="seeds per colour x shape for the single-object gate")
     p.add_argument("--gate-only", action="store_true", help="only the base model's single-object gate")
+    p.add_argument("--neurons", metavar="DIR",
+                   help="also compare identity by concept neurons (DIR/<subject>.cones) with the residuals")
+    p.add_argument("--identity-only", action="store_true", help="with --neurons: only that comparison")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every preset (e.g. self_recurrence=False); "
                         f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
@@ -282,6 +347,12 @@ def main(argv=None) -> int:
             load_config(preset, overrides)
     except ValueError as e:
         p.error(str(e))
+    if args.neurons:
+        missing = [n for n in SUBJECTS if not os.path.isfile(os.path.join(args.neurons, f"{n}.cones"))]
+        if missing:
+            p.error(f"--neurons {args.neurons} lacks {', '.join(m + '.cones' for m in missing)}; train them with "
+                    f"python train.py neurons --images examples/demo_world/subjects/NAME --class SHAPE "
+                    f"--identifier V --out {args.neurons}/NAME.cones (V from evaluate.IDENTIFIERS)")
     t0 = time.time()
     det = detect.load_detector(args.detector)
     sd = load_pipeline(args.model)
@@ -290,6 +361,13 @@ def main(argv=None) -> int:
         print(f"single-object gate: {single_object_gate(sd, det, list(range(args.gate_seeds)))}")
         print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
         return 0
+    if args.neurons:
+        print(IDENTITY_HEADER)
+        identity_by_method(sd, det, seeds=seeds, residual_dir=args.residuals, neuron_dir=args.neurons,
+                           steps=args.steps or 20)
+        if args.identity_only:
+            print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
+            return 0
     print("detector ceiling on ground-truth renders of the suite:",
           {k: round(v, 3) for k, v in ground_truth_check(det, suite(), seeds[:4]).items()})
     gate = single_object_gate(sd, det, list(range(args.gate_seeds)))
