@@ -297,6 +297,7 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
         log(f"shut {sum(len(v) for v in neurons_lib.union(sets).values())} concept neurons from {len(sets)} file(s)")
     params = jax.device_put(params, NamedSharding(mesh, P()))
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
+
     def batch_inputs(batch_seeds):
         noise = np.stack([initial_noise(s, lat_shape) for s in batch_seeds])
         inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, batch_seeds, guided=guided)

@@ -142,8 +142,8 @@ def assert_matches_diffusers(folder: str, steps: int = 2, n: int = 1) -> np.ndar
 
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "demo_model")
-# Until the trained demo model is committed (it is still training), the tests that need it skip;
-# this marker goes when it lands, so that from then on a missing model fails them.
+
+
 def test_shipped_demo_model_runs_in_diffusers():
     """The shipped folder is a plain diffusers Stable Diffusion: PyTorch diffusers loads it, matches our
     modules on its weights, and draws a red object for "a big red circle" in most of 4 samples."""
@@ -164,8 +164,7 @@ def test_layout_guidance_places_subjects_better_than_none():
     sd = load_pipeline(DEMO_MODEL)
     cases = [c for c in evaluate.suite() if len(c.names) == 2]
     rows = evaluate.evaluate(sd, det, seeds=[0, 1, 2, 3], presets=("official",), cases=cases, steps=20,
-                             residuals=(False,), settings=("no guidance", "full guidance"),
-                             overrides={"guidance_weight": evaluate.GUIDANCE_WEIGHT}, log=lambda *_: None)
+                             residuals=(False,), settings=("no guidance", "full guidance"), log=lambda *_: None)
     none, full = (r["placement@2"] for r in rows)
     assert full >= none + 0.2, (none, full)
 

@@ -201,7 +201,9 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
              steps: int | None = None, residuals: Sequence[bool] = (False, True),
              settings: Sequence[str] = tuple(SETTINGS), overrides: dict | None = None, log=print) -> list[dict]:
     """One row per (preset, setting, residuals) with the mean scores per number of subjects;
-    `settings` picks rows of SETTINGS; `overrides` (key -> value) change every preset alike."""
+    `settings` picks rows of SETTINGS; `overrides` (key -> value) change every preset alike, on top
+    of the suite's λ (GUIDANCE_WEIGHT)."""
+    overrides = {"guidance_weight": GUIDANCE_WEIGHT, **(overrides or {})}
     cases = list(cases or suite())
     case_of_image = [c for c in cases for _ in seeds]  # sample_layouts' order
     rows = []
@@ -274,12 +276,12 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], r
     groups = [(n,) for n in SUBJECTS] + [tuple(p) for p in PAIRS]
     rows = []
     for method in ("base model, identifier prompt", "concept neurons", "residuals"):
+        ident = method != "residuals"
         for k in (1, 2):
             sel = [g for g in groups if len(g) == k]
             t0 = time.perf_counter()
             found = []
             for names in sel:
-                ident = method != "residuals"
                 phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if ident else f"a {SUBJECTS[n].shape}"
                            for n in names]
                 subjects = tuple(layout_lib.Subject(
@@ -342,7 +344,7 @@ def main(argv=None) -> int:
                         f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
     args = p.parse_args(argv)
     try:
-        overrides = {"guidance_weight": GUIDANCE_WEIGHT, **dict(parse_override(s) for s in args.set)}
+        overrides = dict(parse_override(s) for s in args.set)
         for preset in args.presets:
             load_config(preset, overrides)
     except ValueError as e:
