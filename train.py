@@ -60,7 +60,8 @@ def _neurons_parser(sub) -> None:
     sel.add_argument("--tau", type=float, help="shut the weights with M_p = (1 - ξ)/ρ > τ")
     sel.add_argument("--sparsity", type=float, help="or shut this fraction of the searched weights")
     p.add_argument("--batch", type=int)
-    p.add_argument("--class-images", help="folder of class images (filled up by the base model if short)")
+    p.add_argument("--class-images", help="folder of class images, filled up by the base model if short "
+                                          "(default: a per-user cache keyed by the base model, $CONES_JAX_CACHE)")
     p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")

@@ -483,6 +483,18 @@ def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[
         save_png(os.path.join(folder, f"class_{s:06d}.png"), Image.fromarray(img))
 
 
+def default_class_dir(unet_fingerprint: str, cfg: dict, class_word: str) -> str:
+    """Where generated class images are kept when no folder is given: a per-user cache
+    ($CONES_JAX_CACHE, else $XDG_CACHE_HOME/cones_jax or ~/.cache/cones_jax) keyed by the base UNet's
+    fingerprint and the prompt and sampler settings that made them, so that subjects of one class
+    share them and a folder of photos (or a repository) never gets images written beside it."""
+    root = os.environ.get("CONES_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cones_jax")
+    prompt = re.sub(r"[^A-Za-z0-9]+", "_", cfg["class_prompt"].format(cls=class_word)).strip("_")
+    return os.path.join(root, "class_images", unet_fingerprint,
+                        f"{prompt}_steps{cfg['class_steps']}_cfg{cfg['class_cfg']:g}")
+
+
 def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | None = None,
                   dtype: str = "fp32", log: Callable[[str], None] = print, sd=None) -> NeuronSetup:
     """Loads the model (unless `sd`, a loaded pipeline, is given), encodes subject and class images
@@ -508,8 +520,8 @@ def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | 
     crop_hw = (res // factor,) * 2
     images = training.load_images(subj.images, res, crop=cfg["crop"], multiple=factor)
     subject = training.encode_images(sd.vae, sd.params["vae"], images, crop_hw)
-    class_dir = class_dir or os.path.join(os.path.dirname(os.path.abspath(subj.images.rstrip("/"))),
-                                          f"class_images_{subj.class_word.strip().replace(' ', '_')}")
+    fingerprint = fingerprint_params(sd.params["unet"])
+    class_dir = class_dir or default_class_dir(fingerprint, cfg, subj.class_word.strip())
     class_images(sd, class_dir, subj.class_word.strip(), cfg, log=log)
     prior = training.encode_images(sd.vae, sd.params["vae"],
                                    training.load_images(class_dir, res, crop=cfg["crop"], multiple=factor), crop_hw)
@@ -518,8 +530,7 @@ def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | 
                     alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
                     prediction_type=sd.scheduler.prediction_type, prior_weight=cfg["prior_weight"])
     frozen = {"unet": sd.params["unet"], "ctx_subject": jnp.asarray(ctx[0]), "ctx_prior": jnp.asarray(ctx[1])}
-    return NeuronSetup(cfg, spec, paths, frozen, subject, prior, fingerprint_params(sd.params["unet"]),
-                       unet_shapes(sd.params["unet"]))
+    return NeuronSetup(cfg, spec, paths, frozen, subject, prior, fingerprint, unet_shapes(sd.params["unet"]))
 
 
 @dataclasses.dataclass

@@ -190,20 +190,26 @@ def test_bad_artifacts(setup, tmp_path):
         neurons.select_neurons(scores, -5.0)
 
 
-def test_cli_search_then_sample(tiny, tmp_path, capsys):
+def test_cli_search_then_sample(tiny, tmp_path, capsys, monkeypatch):
     root, images, _ = tiny
     out = str(tmp_path / "dog.cones")
-    class_dir = str(tmp_path / "generated_class")
+    monkeypatch.setenv("CONES_JAX_CACHE", str(tmp_path / "cache"))
+    beside_photos = sorted(os.listdir(os.path.dirname(images)))
     argv = ["neurons", "--model", root, "--images", images, "--class", "dog", "--out", out, "--steps", "2",
-            "--sparsity", "0.01", "--batch", "2", "--class-images", class_dir, "--no-progress",
+            "--sparsity", "0.01", "--batch", "2", "--no-progress",
             "--set", "resolution=32", "--set", "num_class_images=2", "--set", "class_steps=2",
             "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "1"]
     rc = train_cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert len(os.listdir(class_dir)) == 2 and "concept neurons" in err
     cn = neurons.load_neurons(out)
     assert 0 < cn.count < cn.searched
+    # no --class-images: the base model's class images go to the cache, keyed by its UNet, not beside the photos
+    class_dir = neurons.default_class_dir(cn.unet, neurons.load_train_config(
+        overrides={"class_steps": 2}), "dog")
+    assert class_dir.startswith(str(tmp_path / "cache" / "class_images" / cn.unet))
+    assert len(os.listdir(class_dir)) == 2 and "concept neurons" in err
+    assert sorted(os.listdir(os.path.dirname(images))) == beside_photos
     # resuming a finished run changes nothing; a second run into the same checkpoints needs --resume
     rc = train_cli.main(argv + ["--overwrite"])
     assert rc == 2 and "--resume" in capsys.readouterr().err

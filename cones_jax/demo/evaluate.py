@@ -30,6 +30,8 @@ from cones_jax.demo import detect, world
 
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_WORLD = os.path.join(HERE, "examples", "demo_world")
+DEMO_RESIDUALS = os.path.join(DEMO_WORLD, "residuals")
+DEMO_NEURONS = os.path.join(DEMO_WORLD, "neurons")
 
 # The custom subjects: a category word plus a look that no caption can ask for (hidden traits).
 SUBJECTS = {
@@ -167,25 +169,35 @@ def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: 
 # --------------------------------------------------------------------------------------------
 
 
-def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg: dict, *, guided: bool,
-                   batch: int = 8) -> np.ndarray:
-    """uint8 images, one per (layout, seed) pair in order, through one compiled sampler: layouts, γ
-    and λ are inputs, so the whole suite costs one compile per setting."""
+def layout_sampler(sd, cfg: dict, *, guided: bool, batch: int = 8):
+    """`draw(layouts, seeds, params=None) -> uint8 images`, one per (layout, seed) pair in order,
+    all through one compiled sampler: layouts, γ, λ and the weights (`params`, default sd.params:
+    e.g. the UNet with concept neurons shut) are inputs, so a suite costs one compile per setting."""
     schedule = gen.make_schedule(sd, cfg)
     cfg = dict(cfg, _sigmas=gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"]))
     spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
                                 self_recurrence=bool(cfg["self_recurrence"]) and guided)
     sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
-    jobs = [(gen.prepare_layout(sd, lay, cfg), s) for lay in layouts for s in seeds]
     lat = world.IMAGE_SIZE // sd.latent_factor
-    out = []
-    for idx, real in gen.padded_chunks(len(jobs), batch):
-        chunk = [jobs[i] for i in idx]
-        noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
-        inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, [s for _, s in chunk], guided=guided)
-        images = np.asarray(sampler(sd.params, schedule, inputs))
-        out.extend(gen._to_uint8(img) for img in images[:real])
-    return np.stack(out)
+
+    def draw(layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], params=None) -> np.ndarray:
+        jobs = [(gen.prepare_layout(sd, lay, cfg), s) for lay in layouts for s in seeds]
+        out = []
+        for idx, real in gen.padded_chunks(len(jobs), batch):
+            chunk = [jobs[i] for i in idx]
+            noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
+            inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, [s for _, s in chunk], guided=guided)
+            images = np.asarray(sampler(sd.params if params is None else params, schedule, inputs))
+            out.extend(gen._to_uint8(img) for img in images[:real])
+        return np.stack(out)
+
+    return draw
+
+
+def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg: dict, *, guided: bool,
+                   batch: int = 8) -> np.ndarray:
+    """uint8 images, one per (layout, seed) pair in order (`layout_sampler` for one call)."""
+    return layout_sampler(sd, cfg, guided=guided, batch=batch)(layouts, seeds)
 
 
 SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
@@ -197,7 +209,7 @@ SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
 
 
 def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
-             residual_dir: str = os.path.join(DEMO_WORLD, "residuals"), cases: Sequence[Case] | None = None,
+             residual_dir: str = DEMO_RESIDUALS, cases: Sequence[Case] | None = None,
              steps: int | None = None, residuals: Sequence[bool] = (False, True),
              settings: Sequence[str] = tuple(SETTINGS), overrides: dict | None = None, log=print) -> list[dict]:
     """One row per (preset, setting, residuals) with the mean scores per number of subjects;
@@ -257,58 +269,116 @@ def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], step
     return {"shape": shape_ok / n, "colour": colour_ok / n, "colour_and_shape": both / n, "samples": n}
 
 
-# The identifier V* of each subject's concept neurons ("photo of a sks star"); rare letter runs the
+# The identifier V* of each subject's concept neurons ("a sks star"); rare letter runs the
 # captions never hold, one per subject so that two subjects' sets can be asked for in one prompt.
 IDENTIFIERS = {"sunny": "sks", "dotty": "zwx", "stripes": "qrv", "boxy": "pkd"}
 PAIRS = (("sunny", "dotty"), ("stripes", "boxy"))
 
 
-def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], residual_dir: str, neuron_dir: str,
-                       steps: int = 20, log=print) -> list[dict]:
-    """Cones against Cones 2 on the same subjects: the share of subjects whose whole look appears in
-    the image, unguided (paper preset's DDIM, no layout), for each subject alone and for the pairs of
-    PAIRS together. Rows: the base model on the identifier prompt ("photo of a sks star"), the same
-    prompt with the subjects' concept neurons shut (the pairs: their sets concatenated), and the
-    residuals on "photo of a star" (the pairs: both residuals, "photo of a star and a heart")."""
+def subject_traits(things: Sequence[dict], thing: world.Thing) -> dict[str, bool]:
+    """Which of a subject's traits the detected `things` show: its shape (some object has it), each
+    other trait of LOOK on an object of that shape, and the whole look on one object."""
+    same = [t for t in things if t["shape"] == thing.shape]
+    out = {"shape": bool(same)}
+    out.update({a: any(t[a] == getattr(thing, a) for t in same) for a in LOOK[1:]})
+    out["look"] = any(has_look(t, thing) for t in same)
+    return out
+
+
+IDENTITY_METHODS = ("base model, class prompt", "residuals", "base model, identifier prompt", "concept neurons",
+                    "concept neurons, joint fine-tune")
+
+
+def neuron_files(names: Sequence[str], method: str) -> list[str]:
+    """The .cones files (in a neuron folder) a method shuts for a group: each subject's own set
+    (concatenated), or for "joint fine-tune" the group's one file from `train.py neurons-joint`
+    (Cones Sec. 3.3), named by its subjects ("sunny_dotty.cones"); none for the other methods."""
+    if method == "concept neurons":
+        return [f"{n}.cones" for n in names]
+    if method == "concept neurons, joint fine-tune":
+        return ["_".join(names) + ".cones"] if len(names) > 1 else []
+    return []
+
+
+def identity_prompt(names: Sequence[str], method: str, residual_dir: str, *, boxed: bool = False,
+                    strength: float = 1.0) -> layout_lib.Layout:
+    """The prompt of a group of subjects for one method of `identity_by_method`, in the captions' own
+    form (the demo model never saw "photo of"): the identifier prompt ("a sks star and a zwx heart")
+    for concept neurons and their base model, the class prompt ("a star and a heart") for the
+    residuals (each at its subject's word) and theirs. With `boxed`, each subject's region is its box
+    of BOXES (else the whole image). The layout guides the shape word alone: guiding the whole phrase
+    ("sks star") drew the subject's shape less often (67% against 91% of single subjects, 16 seeds)."""
+    ident = method == "base model, identifier prompt" or method.startswith("concept neurons")
+    phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if ident else f"a {SUBJECTS[n].shape}" for n in names]
+    boxes = BOXES[len(names)] if boxed else [(0.0, 0.0, 1.0, 1.0)] * len(names)
+    subjects = tuple(layout_lib.Subject(
+        word=SUBJECTS[n].shape, box=box, strength=strength,
+        residual=os.path.join(residual_dir, f"{n}.safetensors") if method == "residuals" else None)
+        for n, box in zip(names, boxes))
+    return layout_lib.Layout(prompt=world.join_phrases(phrases), subjects=subjects,
+                             size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
+
+
+def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], neuron_dir: str = DEMO_NEURONS,
+                       residual_dir: str = DEMO_RESIDUALS, groups: Sequence[tuple[str, ...]] | None = None,
+                       methods: Sequence[str] = IDENTITY_METHODS, steps: int = 20, with_layout: bool = False,
+                       log=print) -> list[dict]:
+    """Cones against Cones 2 on the same subjects (paper preset's DDIM; unguided, or `with_layout`:
+    every step guided to the suite's boxes, BOXES, at λ = GUIDANCE_WEIGHT): how often each trait of
+    a subject's look appears (`subject_traits`), for each subject alone and for
+    the pairs of PAIRS together (default `groups`). Methods: the residuals on the class prompt, the
+    group's concept neurons shut on the identifier prompt (a pair: its two sets concatenated, or the
+    set of their joint fine-tune: `neuron_files`), and the base model on each prompt
+    (`identity_prompt`). One row per (method, group), then one per
+    (method, subjects per image) with the means; traits are shares of subjects, `all_shape` and
+    `all_colour` the shares of images with every subject's shape, and with each in its colour."""
     from cones_jax import neurons as neurons_lib
 
-    cfg = load_config("paper", {"steps": steps})
-    groups = [(n,) for n in SUBJECTS] + [tuple(p) for p in PAIRS]
+    cfg = load_config("paper", {"steps": steps, "guidance_steps": steps, "guidance_weight": GUIDANCE_WEIGHT})
+    draw = layout_sampler(sd, cfg, guided=with_layout)
+    groups = [tuple(g) for g in (groups or [(n,) for n in SUBJECTS] + list(PAIRS))]
     rows = []
-    for method in ("base model, identifier prompt", "concept neurons", "residuals"):
-        ident = method != "residuals"
-        for k in (1, 2):
-            sel = [g for g in groups if len(g) == k]
+    for method in methods:
+        per_k: dict[int, list] = {}
+        for names in groups:
+            files = neuron_files(names, method)
+            if method.startswith("concept neurons") and not files:
+                continue  # a joint fine-tune is of several subjects
+            lay = identity_prompt(names, method, residual_dir, boxed=with_layout, strength=cfg["weight_positive"])
+            params = None
+            if files:
+                sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f) for f in files], sd.params["unet"])
+                params = dict(sd.params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
             t0 = time.perf_counter()
-            found = []
-            for names in sel:
-                phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if ident else f"a {SUBJECTS[n].shape}"
-                           for n in names]
-                subjects = tuple(layout_lib.Subject(
-                    word=SUBJECTS[n].shape, box=(0.0, 0.0, 1.0, 1.0),
-                    residual=os.path.join(residual_dir, f"{n}.safetensors") if method == "residuals" else None)
-                    for n in names)
-                lay = layout_lib.Layout(prompt="photo of " + world.join_phrases(phrases), subjects=subjects,
-                                        size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
-                model = sd
-                if method == "concept neurons":
-                    sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f"{n}.cones") for n in names],
-                                                      sd.params["unet"])
-                    model = dataclasses.replace(sd, params=dict(
-                        sd.params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets)))
-                for img in sample_layouts(model, [lay], seeds, cfg, guided=False):
-                    things = detect.find_things(detector, img)
-                    found.append([any(has_look(t, SUBJECTS[n]) for t in things) for n in names])
-            row = {"method": method, "subjects": k, "identity": float(np.mean(found)),
-                   "all": float(np.mean([all(f) for f in found])), "images": len(found),
-                   "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            log(f"| {method} | {k} | {100 * row['identity']:.0f}% | {100 * row['all']:.0f}% | {len(found)} |")
+            found = [[subject_traits(detect.find_things(detector, img), SUBJECTS[n]) for n in names]
+                     for img in draw([lay], seeds, params)]
+            per_k.setdefault(len(names), []).extend(found)
+            label = method + (" + layout" if with_layout else "")
+            rows.append(identity_row(label, "+".join(names), found, time.perf_counter() - t0))
+            log(format_identity_row(rows[-1]))
+        for k, found in sorted(per_k.items()):
+            rows.append(identity_row(label, f"mean, {k} per image", found, None))
+            log(format_identity_row(rows[-1]))
     return rows
 
 
-IDENTITY_HEADER = ("| method | subjects per image | subjects with their whole look | images with all of them | images |\n"
-                   "|---|---|---|---|---|")
+def identity_row(method: str, group: str, found: list[list[dict]], seconds: float | None) -> dict:
+    traits = [t for image in found for t in image]
+    row = {"method": method, "group": group, "images": len(found), "seconds": seconds,
+           "all_shape": float(np.mean([all(t["shape"] for t in image) for image in found])),
+           "all_colour": float(np.mean([all(t["shape"] and t["colour"] for t in image) for image in found]))}
+    row.update({k: float(np.mean([t[k] for t in traits])) for k in traits[0]})
+    return row
+
+
+IDENTITY_HEADER = ("| method | subjects | shape | + colour | + pattern | + outline | + eyes | whole look | "
+                   "images with every subject's shape / and colour | images |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_identity_row(row: dict) -> str:
+    cells = [row["method"], row["group"]] + [f"{100 * row[k]:.0f}%" for k in LOOK + ("look",)]
+    cells.append(f"{100 * row['all_shape']:.0f}% / {100 * row['all_colour']:.0f}%")
+    return "| " + " | ".join(cells + [str(row["images"])]) + " |"
 
 
 def format_row(row: dict) -> str:
@@ -330,7 +400,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(HERE, "examples", "demo_model"))
     p.add_argument("--detector", default=os.path.join(DEMO_WORLD, "detector.safetensors"))
-    p.add_argument("--residuals", default=os.path.join(DEMO_WORLD, "residuals"))
+    p.add_argument("--residuals", default=DEMO_RESIDUALS)
     p.add_argument("--seeds", type=int, default=16)
     p.add_argument("--steps", type=int, help="sampling steps (default: each preset's)")
     p.add_argument("--presets", nargs="+", default=["official", "paper"])
@@ -338,7 +408,9 @@ def main(argv=None) -> int:
     p.add_argument("--gate-only", action="store_true", help="only the base model's single-object gate")
     p.add_argument("--neurons", metavar="DIR",
                    help="also compare identity by concept neurons (DIR/<subject>.cones) with the residuals")
-    p.add_argument("--identity-only", action="store_true", help="with --neurons: only that comparison")
+    p.add_argument("--identity-only", action="store_true",
+                   help=f"only that comparison (with the shipped {os.path.relpath(DEMO_NEURONS, HERE)} "
+                        "unless --neurons says otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every preset (e.g. self_recurrence=False); "
                         f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
@@ -349,12 +421,16 @@ def main(argv=None) -> int:
             load_config(preset, overrides)
     except ValueError as e:
         p.error(str(e))
+    if args.identity_only and not args.neurons:
+        args.neurons = DEMO_NEURONS
     if args.neurons:
-        missing = [n for n in SUBJECTS if not os.path.isfile(os.path.join(args.neurons, f"{n}.cones"))]
+        groups = [(n,) for n in SUBJECTS] + list(PAIRS)
+        missing = [f for g in groups for m in IDENTITY_METHODS for f in neuron_files(g, m)
+                   if not os.path.isfile(os.path.join(args.neurons, f))]
         if missing:
-            p.error(f"--neurons {args.neurons} lacks {', '.join(m + '.cones' for m in missing)}; train them with "
-                    f"python train.py neurons --images examples/demo_world/subjects/NAME --class SHAPE "
-                    f"--identifier V --out {args.neurons}/NAME.cones (V from evaluate.IDENTIFIERS)")
+            p.error(f"--neurons {args.neurons} lacks {', '.join(missing)}; make them with python train.py neurons "
+                    f"(NAME.cones, --config configs/cones1_train_demo.py, identifier from evaluate.IDENTIFIERS) "
+                    f"and python train.py neurons-joint (A_B.cones, from A.cones and B.cones)")
     t0 = time.time()
     det = detect.load_detector(args.detector)
     sd = load_pipeline(args.model)
@@ -364,9 +440,11 @@ def main(argv=None) -> int:
         print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
         return 0
     if args.neurons:
+        print("identity by method; cells: share of subjects showing each trait (on an object of their shape)")
         print(IDENTITY_HEADER)
-        identity_by_method(sd, det, seeds=seeds, residual_dir=args.residuals, neuron_dir=args.neurons,
-                           steps=args.steps or 20)
+        for with_layout in (False, True):
+            identity_by_method(sd, det, seeds=seeds, residual_dir=args.residuals, neuron_dir=args.neurons,
+                               steps=args.steps or 20, with_layout=with_layout)
         if args.identity_only:
             print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
             return 0
