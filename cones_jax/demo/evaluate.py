@@ -325,13 +325,13 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
                        log=print) -> list[dict]:
     """Cones against Cones 2 on the same subjects (paper preset's DDIM; unguided, or `with_layout`:
     every step guided to the suite's boxes, BOXES, at λ = GUIDANCE_WEIGHT): how often each trait of
-    a subject's look appears (`subject_traits`), for each subject alone and for
-    the pairs of PAIRS together (default `groups`). Methods: the residuals on the class prompt, the
-    group's concept neurons shut on the identifier prompt (a pair: its two sets concatenated, or the
-    set of their joint fine-tune: `neuron_files`), and the base model on each prompt
-    (`identity_prompt`). One row per (method, group), then one per
-    (method, subjects per image) with the means; traits are shares of subjects, `all_shape` and
-    `all_colour` the shares of images with every subject's shape, and with each in its colour."""
+    a subject's look appears (`subject_traits`), for each subject alone and for the pairs of PAIRS
+    together (default `groups`). Methods: the residuals on the class prompt, the group's concept
+    neurons shut on the identifier prompt (a pair: its two sets concatenated, or the set of their
+    joint fine-tune: `neuron_files`), and the base model on each prompt (`identity_prompt`). One row
+    per (method, group), then one per (method, subjects per image) with the means; traits are
+    shares of subjects, `all_shape` and `all_colour` the shares of images with every subject's
+    shape, and with each in its colour."""
     from cones_jax import neurons as neurons_lib
 
     cfg = load_config("paper", {"steps": steps, "guidance_steps": steps, "guidance_weight": GUIDANCE_WEIGHT})
@@ -339,6 +339,7 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
     groups = [tuple(g) for g in (groups or [(n,) for n in SUBJECTS] + list(PAIRS))]
     rows = []
     for method in methods:
+        label = method + (" + layout" if with_layout else "")
         per_k: dict[int, list] = {}
         for names in groups:
             files = neuron_files(names, method)
@@ -353,7 +354,6 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
             found = [[subject_traits(detect.find_things(detector, img), SUBJECTS[n]) for n in names]
                      for img in draw([lay], seeds, params)]
             per_k.setdefault(len(names), []).extend(found)
-            label = method + (" + layout" if with_layout else "")
             rows.append(identity_row(label, "+".join(names), found, time.perf_counter() - t0))
             log(format_identity_row(rows[-1]))
         for k, found in sorted(per_k.items()):
