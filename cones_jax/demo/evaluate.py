@@ -20,7 +20,7 @@ import itertools
 import os
 import sys
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -273,6 +273,7 @@ def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], step
 # captions never hold, one per subject so that two subjects' sets can be asked for in one prompt.
 IDENTIFIERS = {"sunny": "sks", "dotty": "zwx", "stripes": "qrv", "boxy": "pkd"}
 PAIRS = (("sunny", "dotty"), ("stripes", "boxy"))
+IDENTITY_GROUPS = tuple((n,) for n in SUBJECTS) + PAIRS  # each subject alone, then the pairs
 
 
 def subject_traits(things: Sequence[dict], thing: world.Thing) -> dict[str, bool]:
@@ -285,18 +286,31 @@ def subject_traits(things: Sequence[dict], thing: world.Thing) -> dict[str, bool
     return out
 
 
-IDENTITY_METHODS = ("base model, class prompt", "residuals", "base model, identifier prompt", "concept neurons",
-                    "concept neurons, joint fine-tune")
+class IdentityMethod(NamedTuple):
+    identifier: bool       # the identifier prompt ("a sks star"), else the class prompt ("a star")
+    residuals: bool        # each subject's residual at its shape word
+    neurons: str | None    # "own": each subject's set, concatenated; "joint": the group's neurons-joint set
+
+
+IDENTITY_METHODS = {
+    "base model, class prompt": IdentityMethod(False, False, None),
+    "residuals": IdentityMethod(False, True, None),
+    "base model, identifier prompt": IdentityMethod(True, False, None),
+    "concept neurons": IdentityMethod(True, False, "own"),
+    "concept neurons, joint fine-tune": IdentityMethod(True, False, "joint"),
+}
 
 
 def neuron_files(names: Sequence[str], method: str) -> list[str]:
     """The .cones files (in a neuron folder) a method shuts for a group: each subject's own set
-    (concatenated), or for "joint fine-tune" the group's one file from `train.py neurons-joint`
-    (Cones Sec. 3.3), named by its subjects ("sunny_dotty.cones"); none for the other methods."""
-    if method == "concept neurons":
+    (concatenated), or for a joint fine-tune the group's one file from `train.py neurons-joint`
+    (Cones Sec. 3.3), named by its subjects ("sunny_dotty.cones"; none for one subject); none for
+    the methods without neurons."""
+    kind = IDENTITY_METHODS[method].neurons
+    if kind == "own":
         return [f"{n}.cones" for n in names]
-    if method == "concept neurons, joint fine-tune":
-        return ["_".join(names) + ".cones"] if len(names) > 1 else []
+    if kind == "joint" and len(names) > 1:
+        return ["_".join(names) + ".cones"]
     return []
 
 
@@ -308,12 +322,13 @@ def identity_prompt(names: Sequence[str], method: str, residual_dir: str, *, box
     residuals (each at its subject's word) and theirs. With `boxed`, each subject's region is its box
     of BOXES (else the whole image). The layout guides the shape word alone: guiding the whole phrase
     ("sks star") drew the subject's shape less often (67% against 91% of single subjects, 16 seeds)."""
-    ident = method == "base model, identifier prompt" or method.startswith("concept neurons")
-    phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if ident else f"a {SUBJECTS[n].shape}" for n in names]
+    kind = IDENTITY_METHODS[method]
+    phrases = [f"a {IDENTIFIERS[n]} {SUBJECTS[n].shape}" if kind.identifier else f"a {SUBJECTS[n].shape}"
+               for n in names]
     boxes = BOXES[len(names)] if boxed else [(0.0, 0.0, 1.0, 1.0)] * len(names)
     subjects = tuple(layout_lib.Subject(
         word=SUBJECTS[n].shape, box=box, strength=strength,
-        residual=os.path.join(residual_dir, f"{n}.safetensors") if method == "residuals" else None)
+        residual=os.path.join(residual_dir, f"{n}.safetensors") if kind.residuals else None)
         for n, box in zip(names, boxes))
     return layout_lib.Layout(prompt=world.join_phrases(phrases), subjects=subjects,
                              size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
@@ -321,12 +336,12 @@ def identity_prompt(names: Sequence[str], method: str, residual_dir: str, *, box
 
 def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], neuron_dir: str = DEMO_NEURONS,
                        residual_dir: str = DEMO_RESIDUALS, groups: Sequence[tuple[str, ...]] | None = None,
-                       methods: Sequence[str] = IDENTITY_METHODS, steps: int = 20, with_layout: bool = False,
+                       methods: Sequence[str] = tuple(IDENTITY_METHODS), steps: int = 20, with_layout: bool = False,
                        log=print) -> list[dict]:
     """Cones against Cones 2 on the same subjects (paper preset's DDIM; unguided, or `with_layout`:
     every step guided to the suite's boxes, BOXES, at λ = GUIDANCE_WEIGHT): how often each trait of
     a subject's look appears (`subject_traits`), for each subject alone and for the pairs of PAIRS
-    together (default `groups`). Methods: the residuals on the class prompt, the group's concept
+    together (default `groups`: IDENTITY_GROUPS). Methods (IDENTITY_METHODS): the residuals on the class prompt, the group's concept
     neurons shut on the identifier prompt (a pair: its two sets concatenated, or the set of their
     joint fine-tune: `neuron_files`), and the base model on each prompt (`identity_prompt`). One row
     per (method, group), then one per (method, subjects per image) with the means; traits are
@@ -336,14 +351,14 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
 
     cfg = load_config("paper", {"steps": steps, "guidance_steps": steps, "guidance_weight": GUIDANCE_WEIGHT})
     draw = layout_sampler(sd, cfg, guided=with_layout)
-    groups = [tuple(g) for g in (groups or [(n,) for n in SUBJECTS] + list(PAIRS))]
+    groups = [tuple(g) for g in (groups or IDENTITY_GROUPS)]
     rows = []
     for method in methods:
         label = method + (" + layout" if with_layout else "")
         per_k: dict[int, list] = {}
         for names in groups:
             files = neuron_files(names, method)
-            if method.startswith("concept neurons") and not files:
+            if IDENTITY_METHODS[method].neurons and not files:
                 continue  # a joint fine-tune is of several subjects
             lay = identity_prompt(names, method, residual_dir, boxed=with_layout, strength=cfg["weight_positive"])
             params = None
@@ -424,8 +439,7 @@ def main(argv=None) -> int:
     if args.identity_only and not args.neurons:
         args.neurons = DEMO_NEURONS
     if args.neurons:
-        groups = [(n,) for n in SUBJECTS] + list(PAIRS)
-        missing = [f for g in groups for m in IDENTITY_METHODS for f in neuron_files(g, m)
+        missing = [f for g in IDENTITY_GROUPS for m in IDENTITY_METHODS for f in neuron_files(g, m)
                    if not os.path.isfile(os.path.join(args.neurons, f))]
         if missing:
             p.error(f"--neurons {args.neurons} lacks {', '.join(missing)}; make them with python train.py neurons "
