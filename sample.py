@@ -24,7 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="UNet/VAE compute dtype; the attention bias is always fp32")
-    p.add_argument("--batch", type=int, help="images per sampler call (default: one per local device)")
+    p.add_argument("--batch", type=int, help="images per sampler call (default: all seeds at once, halved until "
+                   "they fit in memory, split over all local devices)")
     p.add_argument("--no-guidance", action="store_true", help="plain text-to-image (residuals still applied)")
     p.add_argument("--show-layout", action="store_true", help="also write each image with the layout drawn on it")
     p.add_argument("--attention-maps", action="store_true", help="also write per-subject cross-attention heat maps")

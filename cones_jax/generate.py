@@ -151,6 +151,41 @@ def shard_batch(inputs: sampling.SampleInputs, mesh: Mesh) -> sampling.SampleInp
         guided_steps=put(inputs.guided_steps, rep))
 
 
+def default_batch(n_images: int, n_devices: int) -> int:
+    """Every image in one sampler call, padded up to a multiple of the local devices."""
+    return -(-n_images // n_devices) * n_devices
+
+
+def batch_mesh(batch: int) -> Mesh:
+    """A 1-D "data" mesh over the most local devices that split `batch` evenly."""
+    devices = jax.local_devices()
+    size = max(d for d in range(1, len(devices) + 1) if batch % d == 0)
+    return Mesh(np.array(devices[:size]), ("data",))
+
+
+def device_memory_bytes(n_devices: int) -> int | None:
+    """Memory one device may fill: the allocator's limit on GPU/TPU; on CPU a share of the host's
+    RAM (fake CPU devices share it). None where neither is known."""
+    stats = jax.local_devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(0.8 * host / n_devices)
+
+
+def fits_in_memory(compiled, n_devices: int) -> bool:
+    """Whether XLA's buffer plan of a compiled call (per device) fits its device's memory."""
+    analysis = compiled.memory_analysis()
+    limit = device_memory_bytes(n_devices)
+    if analysis is None or limit is None:
+        return True
+    need = sum(getattr(analysis, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
+    return need <= limit
+
+
 def make_schedule(sd, cfg: dict) -> schedulers.Schedule:
     sched_cfg = sd.scheduler
     if cfg.get("timestep_spacing"):
@@ -280,14 +315,11 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     schedule = make_schedule(sd, cfg)
     cfg["_sigmas"] = guidance_sigmas(cfg, schedule, cfg["guidance_steps"])
 
-    n_dev = len(jax.local_devices())
-    b = batch or min(len(seeds), n_dev)
-    mesh_size = max(d for d in range(1, n_dev + 1) if b % d == 0 and d <= n_dev)
-    mesh = Mesh(np.array(jax.local_devices()[:mesh_size]), ("data",))
+    lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
     spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
                                 self_recurrence=bool(cfg["self_recurrence"]) and guided,
                                 sow_attention=attention_maps, progress=progress)
-    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
+    bias_fn = guidance.layout_bias if guided else None
     params = sd.params
     if neurons:
         from cones_jax import neurons as neurons_lib
@@ -295,19 +327,26 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
         sets = neurons_lib.load_for_model(list(neurons), sd.params["unet"])
         params = dict(params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
         log(f"shut {sum(len(v) for v in neurons_lib.union(sets).values())} concept neurons from {len(sets)} file(s)")
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
 
-    def batch_inputs(batch_seeds):
+    def batch_inputs(batch_seeds, mesh):
         noise = np.stack([initial_noise(s, lat_shape) for s in batch_seeds])
         inputs = build_inputs(sd, [prep] * len(batch_seeds), noise, cfg, batch_seeds, guided=guided)
         return shard_batch(inputs, mesh)
 
+    b = batch or default_batch(len(seeds), len(jax.local_devices()))
+    while True:
+        mesh = batch_mesh(b)
+        rep_params = jax.device_put(params, NamedSharding(mesh, P()))
+        with jax.set_mesh(mesh):
+            compiled = sampling.compile_sampler(sd, spec, bias_fn, rep_params, schedule,
+                                                batch_inputs((seeds * b)[:b], mesh))
+        if batch or b <= mesh.size or fits_in_memory(compiled.fn, mesh.size):
+            break
+        b = max(mesh.size, b // 2 // mesh.size * mesh.size)  # halve, keeping every device busy
+    params = rep_params
+    what = "reused the compiled sampler" if compiled.cached else f"compiled the sampler in {compiled.compile_seconds:.1f} s"
+    log(f"{what} ({cfg['scheduler']}, {cfg['steps']} steps, batch {b} over {mesh.size} device(s))")
     padded = seeds + [seeds[-1]] * (-len(seeds) % b)
-    t0 = time.perf_counter()
-    compiled = sampler.lower(params, schedule, batch_inputs(padded[:b])).compile()
-    log(f"compiled the sampler in {time.perf_counter() - t0:.1f} s "
-        f"({cfg['scheduler']}, {cfg['steps']} steps, batch {b} over {mesh_size} device(s))")
 
     results, heat = [], []
     bar = None
@@ -320,7 +359,7 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
             done = start // b * cfg["steps"]
             if bar is not None:
                 sampling.progress_hook["fn"] = lambda i, done=done: bar.update(max(0, done + i + 1 - bar.n))
-            out = compiled(params, schedule, batch_inputs(padded[start:start + b]))
+            out = compiled.fn(params, schedule, batch_inputs(padded[start:start + b], mesh))
             images, maps = out if attention_maps else (out, None)
             images = np.asarray(images)
             keep = min(b, len(seeds) - start)
@@ -334,7 +373,8 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
         sampling.progress_hook["fn"] = None
         if bar is not None:
             bar.close()
-    log(f"sampled {len(seeds)} image(s) in {elapsed:.2f} s ({elapsed / len(padded):.3f} s per image)")
+    log(f"sampled {len(seeds)} image(s) in {elapsed:.2f} s ({elapsed / len(padded):.3f} s per image, "
+        "compile time apart)")
 
     os.makedirs(out_dir, exist_ok=True)
     pixels = [_to_uint8(img) for img in results]

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax.sampling import cfg_batch, cfg_halves
+
 Array = jax.Array
 
 
@@ -74,10 +76,13 @@ class LayoutGuidance:
 
 
 def layout_bias(scores_2BxHxQxK: Array, hw: tuple[int, int], i: Array, g: LayoutGuidance) -> Array:
-    """The sampler's bias function: Eq. 7 on the conditional half of a CFG batch, 0 on the rest."""
+    """The sampler's bias function: Eq. 7 on the conditional rows of a CFG batch, 0 on the rest.
+
+    The batch is `sampling.cfg_batch`'s: image k's unconditional row at 2k, conditional at 2k+1.
+    """
     key = f"{hw[0]}x{hw[1]}"
     if key not in g.maps:
         raise KeyError(f"no layout map for the {key} cross-attention resolution (have {sorted(g.maps)})")
-    b = g.weight.shape[0]
-    bias_Bx1xQxK = edited_attention_bias(scores_2BxHxQxK[b:], g.maps[key], g.weight, g.sigmas[i])
-    return jnp.concatenate([jnp.zeros_like(bias_Bx1xQxK), bias_Bx1xQxK], axis=0)
+    _, cond_BxHxQxK = cfg_halves(scores_2BxHxQxK)
+    bias_Bx1xQxK = edited_attention_bias(cond_BxHxQxK, g.maps[key], g.weight, g.sigmas[i])
+    return cfg_batch(jnp.zeros_like(bias_Bx1xQxK), bias_Bx1xQxK)

@@ -51,6 +51,8 @@ class StableDiffusion:
     scheduler: SchedulerConfig | None
     params: dict
     text_encoder_fingerprint: str = ""
+    # compiled samplers of this model, filled by `cones_jax.sampling.compile_sampler`
+    compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def latent_factor(self) -> int:

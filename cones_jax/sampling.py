@@ -1,22 +1,30 @@
 """The sampler: one jitted pure function from token ids, noise and guidance arrays to images.
 
-Text encoding, classifier-free guidance (one UNet batch of 2B: unconditional half first),
-the scheduler loop (`lax.fori_loop`), optional self-recurrence, the cross-attention bias and the
-VAE decode all run inside one `jax.jit`. Everything that changes between calls at the same
-shapes (prompts, residuals, layouts, guidance weights, schedules, seeds) is an array argument,
-so a new prompt or layout never recompiles. `debug=True` runs the same loop in Python, eagerly.
+Text encoding, classifier-free guidance (one UNet batch of 2B), the scheduler loop
+(`lax.fori_loop`), optional self-recurrence, the cross-attention bias and the VAE decode all run
+inside one `jax.jit`. Everything that changes between calls at the same shapes (prompts,
+residuals, layouts, guidance weights, schedules, seeds) is an array argument, so a new prompt or
+layout never recompiles. `debug=True` runs the same loop in Python, eagerly.
+
+The CFG batch interleaves each image's rows (`cfg_batch`: row 2k unconditional, 2k+1
+conditional), so when the images are sharded over a mesh's data axis both rows of an image sit on
+its device and no step moves data between devices. Guided and unguided steps run one traced UNet:
+the bias is switched off past the guided steps rather than chosen by `lax.cond`, which would
+compile the UNet twice. `compile_sampler` caches compiled samplers per model, spec and shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 
 from cones_jax import schedulers
+from cones_jax.models import attention
 from cones_jax.models.vae import unscale_latents
 
 Array = jax.Array
@@ -66,6 +74,21 @@ def encode_text(text_module, text_params, ids_BxL: Array) -> Array:
     return text_module.apply({"params": text_params}, ids_BxL)["last_hidden_state"]
 
 
+def cfg_batch(uncond_Bx: Array, cond_Bx: Array) -> Array:
+    """The CFG batch [2B, ...]: image k's unconditional row at 2k, its conditional row at 2k+1.
+
+    Interleaving (not concatenating halves) keeps both rows of an image in the same shard of a
+    batch split over devices, so building the batch and `cfg_halves` are local on every device.
+    """
+    return jnp.stack([uncond_Bx, cond_Bx], axis=1).reshape((-1,) + uncond_Bx.shape[1:])
+
+
+def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
+    """Inverse of `cfg_batch`: (unconditional rows [B, ...], conditional rows [B, ...])."""
+    x_Bx2x = x_2Bx.reshape((-1, 2) + x_2Bx.shape[1:])
+    return x_Bx2x[:, 0], x_Bx2x[:, 1]
+
+
 def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *, debug: bool = False):
     """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
 
@@ -77,30 +100,26 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
     def denoise(params, schedule, context_2BxLxE, x, i, inputs):
         """CFG-combined model output at step i, and the sown attention maps (or None).
 
-        On guided steps the cross-attention bias is on (the unconditional half gets none); the
-        other steps take the fused attention path. `lax.cond` runs only the branch needed.
+        On guided steps the cross-attention bias is on (the unconditional rows get none); past
+        them it is zero, through the same traced UNet.
         """
         x_in = schedulers.scale_model_input(schedule, x, i)
-        x_2B = jnp.concatenate([x_in, x_in], axis=0)
+        x_2B = cfg_batch(x_in, x_in)
         t = jnp.broadcast_to(schedule.timesteps[i], (x_2B.shape[0],))
-
-        def run(hook):
-            out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
-                             sow_attention=spec.sow_attention,
-                             mutable=["intermediates"] if spec.sow_attention else False)
-            out, inter = out if spec.sow_attention else (out, None)
-            uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
-            return uncond + inputs.cfg_scale * (cond - uncond), inter
-
-        if bias_fn is None or inputs.guidance is None:
-            return run(None)
-        hook = lambda s, hw: bias_fn(s, hw, i, inputs.guidance)
-        return jax.lax.cond(i < inputs.guided_steps, lambda: run(hook), lambda: run(None))
+        hook = None
+        if bias_fn is not None and inputs.guidance is not None:
+            hook = lambda s, hw: jnp.where(i < inputs.guided_steps, bias_fn(s, hw, i, inputs.guidance), 0.0)
+        out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
+                         sow_attention=spec.sow_attention,
+                         mutable=["intermediates"] if spec.sow_attention else False)
+        out, inter = out if spec.sow_attention else (out, None)
+        uncond, cond = cfg_halves(out.astype(jnp.float32))
+        return uncond + inputs.cfg_scale * (cond - uncond), inter
 
     def sample(params, schedule: schedulers.Schedule, inputs: SampleInputs):
         cond = encode_text(text, params["text_encoder"], inputs.prompt_ids) + inputs.token_residuals
         uncond = encode_text(text, params["text_encoder"], inputs.negative_ids)
-        context = jnp.concatenate([uncond, cond.astype(uncond.dtype)], axis=0)
+        context = cfg_batch(uncond, cond.astype(uncond.dtype))
         x = inputs.noise.astype(jnp.float32) * schedulers.init_noise_sigma(schedule)
         state = schedulers.init_state(schedule, x)
         guided = inputs.guided_steps if inputs.guided_steps is not None else jnp.zeros((), jnp.int32)
@@ -141,9 +160,8 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
             images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, x), method=vae.decode)
             out = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
         if spec.sow_attention:
-            # cross-attention maps summed over every UNet call, conditional half only
-            b = x.shape[0]
-            return out, jax.tree_util.tree_map(lambda m: m[b:], maps)
+            # cross-attention maps summed over every UNet call, conditional rows only
+            return out, jax.tree_util.tree_map(lambda m: cfg_halves(m)[1], maps)
         return out
 
     if debug:
@@ -155,3 +173,37 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
 
     loop = jax.lax.fori_loop
     return jax.jit(sample)
+
+
+class CompiledSampler(NamedTuple):
+    """A compiled sampler and what it cost: seconds to build it, and whether this process had it."""
+
+    fn: Callable
+    compile_seconds: float
+    cached: bool
+
+
+def _signature(tree) -> tuple:
+    """What a compiled executable depends on in its arguments: structure, shapes, dtypes, shardings."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef,) + tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def compile_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn], params, schedule: schedulers.Schedule,
+                    inputs: SampleInputs) -> CompiledSampler:
+    """The sampler for these arguments' shapes and shardings, compiled ahead of time.
+
+    Kept per model (on `sd.compiled`) by spec, bias function, attention kernel and argument
+    signature, so a second call at the same shapes (a new layout, prompt or seed) costs nothing
+    here; JAX's persistent compilation cache, when the caller turned it on, makes the first call
+    of a later process a load rather than a compile. Trace under `jax.set_mesh(mesh)` for kernels
+    that run per shard (`cones_jax.models.attention.splash_attention`).
+    """
+    key = (spec, bias_fn, attention.forced_implementation(), _signature((params, schedule, inputs)))
+    hit = sd.compiled.get(key)
+    if hit is not None:
+        return CompiledSampler(hit, 0.0, True)
+    t0 = time.perf_counter()
+    fn = make_sampler(sd, spec, bias_fn).lower(params, schedule, inputs).compile()
+    sd.compiled[key] = fn
+    return CompiledSampler(fn, time.perf_counter() - t0, False)

@@ -32,7 +32,8 @@ def test_bias_equals_formula():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_edited_cross_attention_equals_numpy(dtype):
-    """softmax((S + λ·M·log(1+σ²)·std(S))·d^-½)·V on the conditional half, plain attention on the other."""
+    """softmax((S + λ·M·log(1+σ²)·std(S))·d^-½)·V on the conditional rows (odd rows of the interleaved
+    CFG batch), plain attention on the unconditional ones."""
     rs = np.random.RandomState(1)
     b, q, k, c, e, heads, dh = 2, 16, 77, 32, 24, 4, 8
     attn = Attention(heads, dh, c, dtype=dtype)
@@ -50,8 +51,8 @@ def test_edited_cross_attention_equals_numpy(dtype):
     vh = (ctx @ p["to_v"]["kernel"]).reshape(2 * b, k, heads, dh).transpose(0, 2, 1, 3)
     s = qh @ kh.transpose(0, 1, 3, 2)
     bias = np.zeros_like(s)
-    eta = 0.08 * np.log(1 + 25.0) * np_std(s[b:])
-    bias[b:] = eta[:, None, None, None] * maps[:, None]
+    eta = 0.08 * np.log(1 + 25.0) * np_std(s[1::2])
+    bias[1::2] = eta[:, None, None, None] * maps[:, None]
     probs = softmax((s + bias) * dh ** -0.5)
     want = (probs @ vh).transpose(0, 2, 1, 3).reshape(2 * b, q, heads * dh) @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
     tol = 1e-4 if dtype == jnp.float32 else 0.1
@@ -72,10 +73,10 @@ def test_negative_region_gets_no_attention():
                                 sigmas=jnp.asarray([2.0], jnp.float32))
     _, state = attn.apply({"params": params}, x, ctx, bias_fn=lambda s, hw: guidance.layout_bias(s, hw, 0, g),
                           hw=(4, 4), sow_probs=True, mutable=["intermediates"])
-    probs = np.asarray(state["intermediates"]["attn_probs"][0])  # [2B, Q, K], head-averaged
-    assert probs[1, ~inside, 5].max() < 1e-6  # conditional half: weakened to nothing outside the region
+    probs = np.asarray(state["intermediates"]["attn_probs"][0])  # [2B, Q, K], head-averaged; rows (uncond, cond)
+    assert probs[1, ~inside, 5].max() < 1e-6  # conditional row: weakened to nothing outside the region
     assert probs[1, inside, 5].min() > probs[0, inside, 5].min()  # strengthened inside
-    assert probs[0, ~inside, 5].min() > 1e-4  # the unconditional half is untouched
+    assert probs[0, ~inside, 5].min() > 1e-4  # the unconditional row is untouched
 
 
 def test_residual_rows_positions():
