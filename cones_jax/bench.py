@@ -391,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # the commands' own CPU defaults, so the figures are what a user gets without typing flags
+    # (no compilation cache here: the compile time printed is a real compile)
+    from cones_jax.cli import default_xla_flags
+
+    default_xla_flags()
     if args.iters < 1 or getattr(args, "warmup", 0) < 0 or args.batch < 1:
         raise SystemExit("--iters must be >= 1, --warmup >= 0, --batch >= 1")
     command = shlex.join(["python", "-m", "cones_jax.bench", *argv])

@@ -155,3 +155,12 @@ def refuse_pickle(path: str | os.PathLike, allow_pickle: bool, alternative: str)
         raise CheckpointError(
             f"{os.fspath(path)} is a pickle file, which can run arbitrary code when loaded; "
             f"use {alternative} instead, or pass allow_pickle=True (--allow-pickle) if you trust it")
+
+
+CACHE_ENV = "CONES_JAX_CACHE"
+
+
+def user_cache_dir() -> str:
+    """The per-user cache: $CONES_JAX_CACHE, else $XDG_CACHE_HOME/cones_jax or ~/.cache/cones_jax."""
+    return os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cones_jax")

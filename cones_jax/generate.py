@@ -318,7 +318,7 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
     spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
                                 self_recurrence=bool(cfg["self_recurrence"]) and guided,
-                                sow_attention=attention_maps, progress=progress)
+                                sow_attention=attention_maps)
     bias_fn = guidance.layout_bias if guided else None
     params = sd.params
     if neurons:
@@ -344,21 +344,19 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
             break
         b = max(mesh.size, b // 2 // mesh.size * mesh.size)  # halve, keeping every device busy
     params = rep_params
-    what = "reused the compiled sampler" if compiled.cached else f"compiled the sampler in {compiled.compile_seconds:.1f} s"
-    log(f"{what} ({cfg['scheduler']}, {cfg['steps']} steps, batch {b} over {mesh.size} device(s))")
+    log(f"{compiled.describe()} ({cfg['scheduler']}, {cfg['steps']} steps, batch {b} over {mesh.size} device(s))")
     padded = seeds + [seeds[-1]] * (-len(seeds) % b)
 
     results, heat = [], []
+    # The bar counts images, one update per sampler call: a per-step host callback inside the
+    # sampler (SamplerSpec.progress) would keep JAX from caching the compiled sampler on disk.
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg["steps"] * (len(padded) // b), desc="sampling", unit="step")
+        bar = tqdm(total=len(seeds), desc=f"sampling ({cfg['steps']} steps a call)", unit="img")
     try:
         t0 = time.perf_counter()
         for start in range(0, len(padded), b):
-            done = start // b * cfg["steps"]
-            if bar is not None:
-                sampling.progress_hook["fn"] = lambda i, done=done: bar.update(max(0, done + i + 1 - bar.n))
             out = compiled.fn(params, schedule, batch_inputs(padded[start:start + b], mesh))
             images, maps = out if attention_maps else (out, None)
             images = np.asarray(images)
@@ -368,9 +366,10 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
                 for k in range(keep):
                     heat.append(subject_heatmaps(jax.tree_util.tree_map(lambda m: m[k], maps), prep.positions,
                                                  prep.height, prep.width))
+            if bar is not None:
+                bar.update(keep)
         elapsed = time.perf_counter() - t0
     finally:
-        sampling.progress_hook["fn"] = None
         if bar is not None:
             bar.close()
     log(f"sampled {len(seeds)} image(s) in {elapsed:.2f} s ({elapsed / len(padded):.3f} s per image, "

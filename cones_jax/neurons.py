@@ -488,8 +488,9 @@ def default_class_dir(unet_fingerprint: str, cfg: dict, class_word: str) -> str:
     ($CONES_JAX_CACHE, else $XDG_CACHE_HOME/cones_jax or ~/.cache/cones_jax) keyed by the base UNet's
     fingerprint and the prompt and sampler settings that made them, so that subjects of one class
     share them and a folder of photos (or a repository) never gets images written beside it."""
-    root = os.environ.get("CONES_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cones_jax")
+    from cones_jax.fileio import user_cache_dir
+
+    root = user_cache_dir()
     prompt = re.sub(r"[^A-Za-z0-9]+", "_", cfg["class_prompt"].format(cls=class_word)).strip("_")
     return os.path.join(root, "class_images", unet_fingerprint,
                         f"{prompt}_steps{cfg['class_steps']}_cfg{cfg['class_cfg']:g}")

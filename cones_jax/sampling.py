@@ -52,7 +52,9 @@ class SamplerSpec:
     self_recurrence: bool = False  # Cones 2 official: redo each guided step once after re-noising
     decode: bool = True
     sow_attention: bool = False  # also return cross-attention maps summed over all UNet calls
-    progress: bool = False  # report each finished step to `progress_hook` (a host callback)
+    # report each finished step to `progress_hook`; the host callback this puts in the sampler keeps
+    # JAX from writing it to the persistent compilation cache
+    progress: bool = False
 
 
 @flax.struct.dataclass
@@ -176,11 +178,30 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
 
 
 class CompiledSampler(NamedTuple):
-    """A compiled sampler and what it cost: seconds to build it, and whether this process had it."""
+    """A compiled sampler and what it cost: seconds to build it, and where it came from."""
 
     fn: Callable
     compile_seconds: float
-    cached: bool
+    cached: bool  # this process had compiled it already
+    from_disk: bool = False  # loaded from JAX's persistent compilation cache, not compiled
+
+    def describe(self) -> str:
+        if self.cached:
+            return "reused the compiled sampler"
+        if self.from_disk:
+            return f"loaded the compiled sampler from the compilation cache in {self.compile_seconds:.1f} s"
+        return f"compiled the sampler in {self.compile_seconds:.1f} s"
+
+
+_DISK_HITS = [0]
+
+
+def _count_disk_hits(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _DISK_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_disk_hits)
 
 
 def _signature(tree) -> tuple:
@@ -203,7 +224,7 @@ def compile_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn], params
     hit = sd.compiled.get(key)
     if hit is not None:
         return CompiledSampler(hit, 0.0, True)
-    t0 = time.perf_counter()
+    t0, hits = time.perf_counter(), _DISK_HITS[0]
     fn = make_sampler(sd, spec, bias_fn).lower(params, schedule, inputs).compile()
     sd.compiled[key] = fn
-    return CompiledSampler(fn, time.perf_counter() - t0, False)
+    return CompiledSampler(fn, time.perf_counter() - t0, False, _DISK_HITS[0] > hits)

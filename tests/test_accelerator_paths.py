@@ -2,6 +2,7 @@
 splash kernel (interpret mode) against diffusers, a sampling loop free of cross-device
 collectives on 8 fake devices, one traced UNet per sampler, and the compiled-sampler cache."""
 
+import os
 import re
 
 import jax
@@ -165,3 +166,38 @@ def test_compiled_sampler_cache(tiny, tmp_path):
     other = sampling.compile_sampler(sd, spec, guidance.layout_bias, sd.params, sched, c)
     assert not other.cached and other.fn is not first.fn
     assert np.abs(np.asarray(first.fn(sd.params, sched, a)) - np.asarray(again.fn(sd.params, sched, b))).max() > 1e-4
+
+
+def test_second_process_loads_the_sampler_from_the_disk_cache(tiny, tmp_path):
+    """What a second run of a command sees: nothing compiled in this process, the sampler on disk."""
+    sd = tiny
+    spec = sampling.SamplerSpec(scheduler="euler", steps=1)
+    _, sched, inputs = _inputs(sd, tmp_path, "paper", [0, 1, 2, 3, 4], steps=1)
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        sampling.compile_sampler(sd, spec, guidance.layout_bias, sd.params, sched, inputs)
+        sd.compiled.clear()  # as in a new process
+        again = sampling.compile_sampler(sd, spec, guidance.layout_bias, sd.params, sched, inputs)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    assert again.from_disk and not again.cached
+    assert "compilation cache" in again.describe()
+
+
+def test_cli_runtime_defaults(monkeypatch):
+    from cones_jax import cli
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    cli.default_xla_flags()
+    assert cli.CPU_XLA_FLAGS in os.environ["XLA_FLAGS"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")  # a user's own flags win
+    cli.default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # not on an accelerator
+    cli.default_xla_flags()
+    assert "XLA_FLAGS" not in os.environ
+    cli.enable_compilation_cache()  # keeps the directory the tests set
+    assert "jax_tests" in jax.config.jax_compilation_cache_dir or "CONES_JAX_TEST_CACHE" in os.environ
