@@ -8,7 +8,7 @@ word), and string metadata:
   word          the subject's category word, e.g. "dog"
   token_ids     JSON list of the word's n sub-word token ids
   dim           d, the text encoder's width
-  text_encoder  fingerprint of the base text encoder (`pipeline.fingerprint_params`)
+  text_encoder  fingerprint of the base text encoder (`StableDiffusion.text_encoder_fingerprint`)
   preset        how it was trained ("official", "paper", "imported")
 """
 

@@ -17,6 +17,7 @@ This module is pure: numpy in, numpy out; no file access, no jax device work.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Callable, Mapping
 
@@ -52,6 +53,27 @@ def unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
     return tree
 
 
+class Fingerprint:
+    """A short stable identity of a params tree, to tie artifacts (residuals, concept neurons) to a base
+    model: a SHA-256 over every path and shape, and the fp32 values of the small tensors (norms, biases,
+    position embeddings), enough to tell models apart without hashing gigabytes. Fed leaf by leaf in
+    sorted path order; `convert_state_dict` feeds it the tensors as stored, so that the identity does not
+    depend on the dtype a model is loaded in."""
+
+    SMALL = 1 << 20  # elements: tensors up to this size have their values hashed
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, path: tuple[str, ...], value) -> None:
+        self._hash.update("/".join(path).encode() + str(tuple(value.shape)).encode())
+        if value.size <= self.SMALL:
+            self._hash.update(np.asarray(value, dtype=np.float32).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:16]
+
+
 def _leaf(target_leaves: Mapping, module_path: tuple[str, ...], torch_leaf: str, value: np.ndarray):
     """Returns (flax path, converted value) for one PyTorch tensor, or None if no target matches."""
     if torch_leaf == "bias":
@@ -84,6 +106,7 @@ def convert_state_dict(
     dtype=None,
     component: str = "model",
     put: Callable[[np.ndarray], object] = lambda x: x,
+    fingerprint: Fingerprint | None = None,
 ) -> dict:
     """Converts a PyTorch-named state dict to a Flax params tree shaped like `target`.
 
@@ -96,12 +119,16 @@ def convert_state_dict(
       component: name used in error messages ("unet", "vae", ...).
       put: called on each converted array (e.g. `jax.device_put`) so that host copies are freed
         tensor by tensor.
+      fingerprint: if given, fed every converted tensor before the cast to `dtype`, in sorted path
+        order, so that its digest is that of the weights as stored whatever dtype they are loaded in.
 
     Raises:
       CheckpointError naming the first missing, unexpected or mis-shaped keys.
     """
     target_leaves = flatten(target)
-    out: dict[tuple[str, ...], object] = {}
+    # First where each tensor goes (transposes of memory-mapped tensors are views: nothing is read yet),
+    # then the values in path order, the order a fingerprint hashes them in.
+    found: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched = [], []
     for key in state:
         canonical = rename(key)
@@ -117,11 +144,8 @@ def convert_state_dict(
         if tuple(value.shape) != want:
             mismatched.append(f"{key} has shape {tuple(state[key].shape)}, expected {want} for {'/'.join(path)}")
             continue
-        want_dtype = dtype if dtype is not None else target_leaves[path].dtype
-        if np.issubdtype(np.asarray(value).dtype, np.floating) or value.dtype.name == "bfloat16":
-            value = np.asarray(value).astype(want_dtype)
-        out[path] = put(np.ascontiguousarray(value))
-    missing = [p for p in target_leaves if p not in out]
+        found[path] = value
+    missing = [p for p in target_leaves if p not in found]
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} mis-shaped tensor(s): " + "; ".join(mismatched[:3]))
@@ -131,6 +155,15 @@ def convert_state_dict(
         problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:3]))
     if problems:
         raise CheckpointError(f"{component} weights do not match its config: " + " | ".join(problems))
+    out: dict[tuple[str, ...], object] = {}
+    for path in sorted(found):
+        value = found.pop(path)
+        if fingerprint is not None:
+            fingerprint.update(path, value)
+        want_dtype = dtype if dtype is not None else target_leaves[path].dtype
+        if np.issubdtype(np.asarray(value).dtype, np.floating) or value.dtype.name == "bfloat16":
+            value = np.asarray(value).astype(want_dtype)
+        out[path] = put(np.ascontiguousarray(value))
     return unflatten(out)
 
 

@@ -324,7 +324,7 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     if neurons:
         from cones_jax import neurons as neurons_lib
 
-        sets = neurons_lib.load_for_model(list(neurons), sd.params["unet"])
+        sets = neurons_lib.load_for_model(list(neurons), sd.params["unet"], fingerprint=sd.unet_fingerprint)
         params = dict(params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
         log(f"shut {sum(len(v) for v in neurons_lib.union(sets).values())} concept neurons from {len(sets)} file(s)")
 

@@ -413,10 +413,14 @@ def apply_neurons(unet_params, sets: Sequence[ConceptNeurons]):
     return scale_params(unet_params, {k: jnp.asarray(m) for k, m in mask.items()})
 
 
-def load_for_model(paths: Sequence[str], unet_params) -> list[ConceptNeurons]:
+def load_for_model(paths: Sequence[str], unet_params, *, fingerprint: str | None = None) -> list[ConceptNeurons]:
+    """The `.cones` files at `paths`, checked against the UNet of `unet_params` and `fingerprint`: the
+    loaded model's own (`StableDiffusion.unet_fingerprint`, the same in any dtype). Without it the
+    fingerprint of `unet_params` as they are is used, which is the model's own only for fp32 params
+    of fp32 weights."""
     from cones_jax.pipeline import fingerprint_params
 
-    fp = fingerprint_params(unet_params)
+    fp = fingerprint if fingerprint is not None else fingerprint_params(unet_params)
     shapes = unet_shapes(unet_params)
     return [load_neurons(p, unet_fingerprint=fp, unet_shapes=shapes) for p in paths]
 
@@ -500,7 +504,7 @@ def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | 
                   dtype: str = "fp32", log: Callable[[str], None] = print, sd=None) -> NeuronSetup:
     """Loads the model (unless `sd`, a loaded pipeline, is given), encodes subject and class images
     once, precomputes the two prompt encodings."""
-    from cones_jax.pipeline import fingerprint_params, load_pipeline
+    from cones_jax.pipeline import load_pipeline
     from cones_jax.residual import encode_prompts
 
     sd = sd if sd is not None else load_pipeline(model_dir, dtype=dtype)
@@ -521,7 +525,7 @@ def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | 
     crop_hw = (res // factor,) * 2
     images = training.load_images(subj.images, res, crop=cfg["crop"], multiple=factor)
     subject = training.encode_images(sd.vae, sd.params["vae"], images, crop_hw)
-    fingerprint = fingerprint_params(sd.params["unet"])
+    fingerprint = sd.unet_fingerprint
     class_dir = class_dir or default_class_dir(fingerprint, cfg, subj.class_word.strip())
     class_images(sd, class_dir, subj.class_word.strip(), cfg, log=log)
     prior = training.encode_images(sd.vae, sd.params["vae"],
@@ -656,7 +660,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     if tau is None and keep is None:
         tau = cfg["joint_tau"]
     sd = load_pipeline(model_dir, dtype=dtype)
-    sets = load_for_model(neuron_paths, sd.params["unet"])
+    sets = load_for_model(neuron_paths, sd.params["unet"], fingerprint=sd.unet_fingerprint)
     setups = []
     for k, (cn, images) in enumerate(zip(sets, images_dirs)):
         if len(cn.identifiers) != 1:

@@ -4,6 +4,7 @@
     sd.unet, sd.vae, sd.text_encoder    # Flax modules
     sd.params["unet"], ...              # their params
     sd.tokenizer, sd.scheduler          # ClipTokenizer, SchedulerConfig
+    sd.unet_fingerprint                 # identity of the UNet as stored, whatever `dtype`
 
 Nothing is downloaded; each component's target shapes come from `jax.eval_shape`.
 """
@@ -11,15 +12,13 @@ Nothing is downloaded; each component's target shapes come from `jax.eval_shape`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from cones_jax import weights
-from cones_jax.convert import flatten
+from cones_jax.convert import Fingerprint, flatten
 from cones_jax.fileio import CheckpointError
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, text_encoder_shapes
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -43,6 +42,11 @@ def parse_dtype(name_or_dtype) -> Any:
 
 @dataclasses.dataclass
 class StableDiffusion:
+    """A loaded folder's modules and params. The fingerprints (`convert.Fingerprint`) tie artifacts to
+    the base model: residuals to the text encoder, concept neurons to the UNet; they are computed from
+    the weights as stored, so a model loaded in bf16 has the fingerprints of the same model in fp32
+    ("" for a component not loaded)."""
+
     folder: str
     unet: UNet2DConditionModel | None
     vae: AutoencoderKL | None
@@ -51,6 +55,7 @@ class StableDiffusion:
     scheduler: SchedulerConfig | None
     params: dict
     text_encoder_fingerprint: str = ""
+    unet_fingerprint: str = ""
     # compiled samplers of this model, filled by `cones_jax.sampling.compile_sampler`
     compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -81,11 +86,13 @@ def _component_dir(folder: str, name: str) -> str:
     return path
 
 
-def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None):
+def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None,
+              fingerprint: Fingerprint | None = None):
+    """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
     cfg = UNetConfig.from_dict(weights.read_config(component_dir))
     module = UNet2DConditionModel(cfg, dtype=dtype)
     params = weights.load_params(component_dir, module.param_shapes(), dtype=param_dtype or dtype, variant=variant,
-                                 component="unet")
+                                 component="unet", fingerprint=fingerprint)
     return module, params
 
 
@@ -98,26 +105,24 @@ def load_vae(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=No
 
 
 def load_text_encoder(component_dir: str, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
-                      remat: bool = False):
+                      remat: bool = False, fingerprint: Fingerprint | None = None):
+    """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
     cfg = CLIPTextConfig.from_dict(weights.read_config(component_dir))
     module = CLIPTextTransformer(cfg, dtype=dtype, remat=remat)
     params = weights.load_params(component_dir, text_encoder_shapes(module), rename=text_encoder_rename,
-                                 dtype=param_dtype, variant=variant, component="text_encoder")
+                                 dtype=param_dtype, variant=variant, component="text_encoder",
+                                 fingerprint=fingerprint)
     return module, params
 
 
 def fingerprint_params(tree) -> str:
-    """A short stable identity of a params tree, to tie artifacts to a base model.
-
-    Hashes every path and shape, and the values of the small tensors (norms, biases, position
-    embeddings): enough to tell models apart without hashing gigabytes.
-    """
-    h = hashlib.sha256()
+    """The `convert.Fingerprint` of a params tree as it is in memory, i.e. after any dtype cast; a loaded
+    model's own identity is the one computed from its file (`StableDiffusion.unet_fingerprint`,
+    `.text_encoder_fingerprint`), equal to this for fp32 weights stored in fp32."""
+    fingerprint = Fingerprint()
     for path, leaf in sorted(flatten(tree).items()):
-        h.update("/".join(path).encode() + str(tuple(leaf.shape)).encode())
-        if leaf.size <= 1 << 20:
-            h.update(np.asarray(leaf, dtype=np.float32).tobytes())
-    return h.hexdigest()[:16]
+        fingerprint.update(path, leaf)
+    return fingerprint.hexdigest()
 
 
 def load_pipeline(folder: str, dtype="fp32", *, param_dtype=None, variant: str | None = None,
@@ -135,15 +140,18 @@ def load_pipeline(folder: str, dtype="fp32", *, param_dtype=None, variant: str |
             raise ValueError(f"unknown component {name!r}; choose from {COMPONENTS}")
     params: dict = {}
     unet = vae = text = tok = sched = None
-    fingerprint = ""
+    unet_fp = text_fp = ""
     if "unet" in components:
-        unet, params["unet"] = load_unet(_component_dir(folder, "unet"), dtype, param_dtype, variant)
+        fingerprint = Fingerprint()
+        unet, params["unet"] = load_unet(_component_dir(folder, "unet"), dtype, param_dtype, variant, fingerprint)
+        unet_fp = fingerprint.hexdigest()
     if "vae" in components:
         vae, params["vae"] = load_vae(_component_dir(folder, "vae"), dtype, param_dtype, variant)
     if "text_encoder" in components:
+        fingerprint = Fingerprint()
         text, params["text_encoder"] = load_text_encoder(_component_dir(folder, "text_encoder"), dtype,
-                                                         variant=variant)
-        fingerprint = fingerprint_params(params["text_encoder"])
+                                                         variant=variant, fingerprint=fingerprint)
+        text_fp = fingerprint.hexdigest()
     if "tokenizer" in components:
         tok = load_tokenizer(_component_dir(folder, "tokenizer"))
     if "scheduler" in components:
@@ -155,4 +163,4 @@ def load_pipeline(folder: str, dtype="fp32", *, param_dtype=None, variant: str |
     if unet is not None and text is not None and unet.config.cross_attention_dim != text.config.hidden_size:
         raise CheckpointError(f"{folder}: the UNet expects {unet.config.cross_attention_dim}-d text embeddings but "
                               f"the text encoder makes {text.config.hidden_size}-d ones")
-    return StableDiffusion(folder, unet, vae, text, tok, sched, params, fingerprint)
+    return StableDiffusion(folder, unet, vae, text, tok, sched, params, text_fp, unet_fp)

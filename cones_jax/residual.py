@@ -328,7 +328,7 @@ class ResidualSetup:
 def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dtype: str = "fp32",
                    remat: bool = False, sentences: str | None = None) -> ResidualSetup:
     """Loads the model, checks the word, encodes the images once, precomputes frozen targets."""
-    from cones_jax.pipeline import fingerprint_params, load_pipeline
+    from cones_jax.pipeline import load_pipeline
 
     sd = load_pipeline(model_dir, dtype=dtype)
     tok = sd.tokenizer
@@ -381,7 +381,7 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
     spec = LossSpec(text=text, unet=unet, vae_config=sd.vae.config,
                     alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
                     prediction_type=sd.scheduler.prediction_type, reg=cfg["reg"], **spec_kw)
-    return ResidualSetup(cfg, spec, tok, word, token_ids, text_params, fingerprint_params(text_params), frozen,
+    return ResidualSetup(cfg, spec, tok, word, token_ids, text_params, sd.text_encoder_fingerprint, frozen,
                          latents, delta_prompts)
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -316,6 +317,11 @@ class TrainStep:
             return None
         return {k: getattr(analysis, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "temp")}
 
+    def flops(self) -> float | None:
+        """FLOPs of one compiled step per device, as XLA counts them (`step_flops`); None before the
+        step is compiled or where the backend does not say."""
+        return step_flops(self._compiled) if self._compiled is not None else None
+
     def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
         if self._compiled is None:
             self.compile(state, batch)
@@ -354,7 +360,7 @@ class Checkpointer:
         if every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {every}")
         self.every = int(every)
-        # Which steps are saved is decided here (`maybe_save`): orbax's own interval also saves the
+        # Which steps are saved is decided here (`due`): orbax's own interval also saves the
         # first step it sees.
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
@@ -366,11 +372,9 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(self.metadata)), force=True)
 
-    def maybe_save(self, step: int, state: dict, *, final: bool = False) -> bool:
-        """Saves (asynchronously) every `every` steps and at the last step."""
-        if step % self.every == 0 or final:
-            return self.save(step, state)
-        return False
+    def due(self, step: int, *, final: bool = False) -> bool:
+        """Whether the state after `step` steps is saved: every `every` steps and at the last step."""
+        return step % self.every == 0 or final
 
     def check_metadata(self, step: int) -> None:
         meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
@@ -413,6 +417,102 @@ class Checkpointer:
 
 
 # --------------------------------------------------------------------------------------------
+# Throughput
+# --------------------------------------------------------------------------------------------
+
+# Dense peak TFLOP/s of one device (no sparsity), by `jax.Device.device_kind` (a regex, the first match
+# wins, so the PCIe H100 comes before the SXM one) and matmul arithmetic: bf16 (fp16 is as fast on all
+# of these), "fast" fp32 (what JAX's default precision gives fp32 inputs: TF32 tensor cores on NVIDIA,
+# one bf16 pass on TPU) and strict fp32 (precision "highest": CUDA cores on NVIDIA; a TPU's six bf16
+# passes have no published figure).
+PEAK_TFLOPS: tuple[tuple[str, float, float, float | None], ...] = (
+    # (device_kind, bf16, fp32 fast, fp32 strict)
+    # NVIDIA H100 datasheet, PCIe: BF16 1,513 and TF32 756 with sparsity, halved; FP32 51
+    (r"H100 PCIe", 756.0, 378.0, 51.0),
+    # NVIDIA H100 datasheet, SXM: BF16 1,979 and TF32 989 with sparsity, halved; FP32 67
+    (r"H100", 989.0, 494.5, 67.0),
+    (r"H200", 989.0, 494.5, 67.0),          # NVIDIA H200 datasheet (SXM): the H100 SXM's compute figures
+    (r"A100", 312.0, 156.0, 19.5),          # NVIDIA A100 datasheet: BF16 312, TF32 156 dense; FP32 19.5
+    (r"^TPU v4$", 275.0, 275.0, None),      # Cloud TPU docs, system architecture, TPU v4: 275 bf16 per chip
+    (r"^TPU v5( lite|e)$", 197.0, 197.0, None),  # Cloud TPU docs, TPU v5e: 197 bf16 per chip
+    (r"^TPU v5p?$", 459.0, 459.0, None),    # Cloud TPU docs, TPU v5p: 459 bf16 per chip
+    (r"^TPU v6( lite|e)$", 918.0, 918.0, None),  # Cloud TPU docs, TPU v6e (Trillium): 918 bf16 per chip
+)
+# `jax_default_matmul_precision` values (lowercased) under which fp32 matmuls run at the "fast" and at
+# the strict rate; the others mean different arithmetic on GPU and TPU ("tensorfloat32" is three bf16
+# passes on a TPU) and have no peak here.
+_FAST_FP32 = (None, "default", "fastest")
+_STRICT_FP32 = ("highest", "float32", "f32_f32_f32")
+
+
+def peak_tflops(device_kind: str, dtype, matmul_precision: str | None = None) -> float | None:
+    """Dense peak TFLOP/s of one `device_kind` device for matmuls in `dtype` (under `matmul_precision`,
+    jax's default matmul precision, for fp32) from `PEAK_TFLOPS`; None for a device, dtype or
+    precision without a figure (a CPU, say)."""
+    dtype = jnp.dtype(dtype)
+    for pattern, bf16, fp32_fast, fp32_strict in PEAK_TFLOPS:
+        if not re.search(pattern, device_kind, re.IGNORECASE):
+            continue
+        if dtype in (jnp.bfloat16, jnp.float16):
+            return bf16
+        precision = matmul_precision.lower() if isinstance(matmul_precision, str) else matmul_precision
+        if dtype == jnp.float32 and precision in _FAST_FP32:
+            return fp32_fast
+        if dtype == jnp.float32 and precision in _STRICT_FP32:
+            return fp32_strict
+        return None
+    return None
+
+
+def matmul_dtype(*trees) -> Any:
+    """The floating dtype holding most parameters of `trees`: the frozen UNet's in every trainer here,
+    whose matmuls are most of a step's FLOPs, so it picks the peak that MFU is measured against."""
+    counts: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(trees):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            counts[jnp.dtype(leaf.dtype)] = counts.get(jnp.dtype(leaf.dtype), 0) + int(np.prod(leaf.shape))
+    return max(counts, key=counts.get) if counts else jnp.dtype(jnp.float32)
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one run of a compiled executable on one device, from XLA's `cost_analysis()`; None where
+    the backend does not count them.
+
+    For an SPMD executable XLA counts the per-device program (a matmul split over 8 devices reports an
+    eighth of its FLOPs; tests/test_training.py checks it), so this is already per device and needs no
+    division by the mesh size. Rematerialised forward passes count too: MFU from it is what the hardware
+    did, not what the model needs. jax returns a dict, or in older versions a list of one dict per HLO
+    module; the modules' FLOPs add up.
+    """
+    analysis = compiled.cost_analysis()
+    if analysis is None:
+        return None
+    parts = [analysis] if isinstance(analysis, dict) else list(analysis)
+    flops = [float(p["flops"]) for p in parts if p and p.get("flops") is not None]
+    return sum(flops) if flops else None
+
+
+def throughput(flops_per_step: float | None, steps: int, seconds: float,
+               peak: float | None) -> tuple[float | None, float | None]:
+    """(TFLOP/s per device, MFU as a fraction of the `peak` TFLOP/s) of `steps` steps in `seconds`;
+    None for what the inputs leave unknown."""
+    if flops_per_step is None or seconds <= 0:
+        return None, None
+    tflops = flops_per_step * steps / seconds / 1e12
+    return tflops, (tflops / peak if peak else None)
+
+
+def throughput_fields(tflops: float | None, mfu: float | None) -> dict[str, str]:
+    """What the bar and the closing log line show of `throughput`: each figure only when known."""
+    fields = {}
+    if tflops is not None:
+        fields["TFLOP/s"] = f"{tflops:.3g}"
+    if mfu is not None:
+        fields["MFU"] = f"{100 * mfu:.1f}%"
+    return fields
+
+
+# --------------------------------------------------------------------------------------------
 # Loop
 # --------------------------------------------------------------------------------------------
 
@@ -429,8 +529,14 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
              log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
     """Runs `step_fn` from `state["step"]` to `total_steps`; `batches(step)` gives the host batch.
 
-    Prints compile time apart from the steps; a tqdm bar shows the loss, its parts and steps/s. Returns the final
-    state and the per-step metrics (as Python floats).
+    Prints compile time apart from the steps; a tqdm bar shows the loss, its parts, steps/s, TFLOP/s
+    per device and MFU (where the device's peak is known). Returns the final state and the per-step
+    metrics (as Python floats).
+
+    The host never waits for a step before queueing the next: step k's metrics are read once step k+1
+    is launched, so a non-finite loss raises FloatingPointError one step late (naming its step). A step
+    whose state is checkpointed is the exception: saving copies the state to the host, which waits for
+    the step anyway, and its loss is checked first so that no non-finite state is saved.
     """
     from tqdm import tqdm
 
@@ -443,21 +549,40 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
     if step_fn._compiled is None:
         step_fn.compile(state, first)
         log(f"compiled the train step in {step_fn.compile_seconds:.1f} s")
+    flops = step_fn.flops()
+    peak = peak_tflops(jax.devices()[0].device_kind, matmul_dtype(step_fn.frozen, state["params"]),
+                       jax.config.jax_default_matmul_precision)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not progress,
                unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def record(step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss became {values['loss']} at step {step}; lower the learning rate")
+        history.append(values)
+        rates = throughput_fields(*throughput(flops, len(history), time.perf_counter() - t0, peak))
+        bar.set_postfix({**progress_fields(values), **rates}, refresh=False)
+
+    pending = None  # (step, its metrics still on the device): the step launched last
     t0 = time.perf_counter()
     for step in bar:
         batch = first if step == start else step_fn.put_batch(batches(step))
+        # `state` is donated to the step: the loop keeps no other reference to it.
         state, metrics = step_fn(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower the learning rate")
-        history.append(metrics)
-        bar.set_postfix(progress_fields(metrics), refresh=False)
-        if checkpointer is not None:
-            checkpointer.maybe_save(step + 1, state, final=step + 1 == total_steps)
+        if pending is not None:
+            record(*pending)
+        pending = (step, metrics)
+        if checkpointer is not None and checkpointer.due(step + 1, final=step + 1 == total_steps):
+            record(*pending)
+            pending = None
+            checkpointer.save(step + 1, state)
+    if pending is not None:
+        record(*pending)
     seconds = time.perf_counter() - t0
-    log(f"{total_steps - start} steps in {seconds:.1f} s ({(total_steps - start) / max(seconds, 1e-9):.2f} steps/s)")
+    steps = total_steps - start
+    rates = throughput_fields(*throughput(flops, steps, seconds, peak))
+    log(f"{steps} steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.2f} steps/s"
+        + "".join(f", {v} {k}" for k, v in rates.items()) + ")")
     if checkpointer is not None:
         checkpointer.manager.wait_until_finished()
     return state, history

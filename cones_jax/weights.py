@@ -74,17 +74,19 @@ def load_params(
     dtype=None,
     variant: str | None = None,
     component: str | None = None,
+    fingerprint: convert.Fingerprint | None = None,
 ) -> dict:
     """Reads a component's safetensors weights into a params tree shaped like `target`.
 
     `target` is the tree of `jax.ShapeDtypeStruct` from `jax.eval_shape(module.init, ...)["params"]`.
     Tensors are memory-mapped and converted one at a time, so host memory holds at most the
     finished params plus one tensor in flight (about one copy of the weights, plus the page cache).
+    A `fingerprint` is fed the weights as stored in the file, before the cast to `dtype`.
     """
     path = find_weights_file(component_dir, variant)
     state, _ = load_safetensors(path)
     return convert.convert_state_dict(
         state, target, rename=rename, dtype=dtype,
         component=component or os.path.basename(os.path.normpath(component_dir)),
-        put=lambda x: jax.device_put(np.asarray(x)),
+        put=lambda x: jax.device_put(np.asarray(x)), fingerprint=fingerprint,
     )

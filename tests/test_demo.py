@@ -190,6 +190,23 @@ def test_concept_neurons_render_their_subjects():
     assert shut["all_shape"] >= base["all_shape"] + 0.2, (base, shut)
 
 
+def test_shipped_artifacts_fit_the_demo_model_in_any_dtype():
+    """The shipped .cones and residual files carry the fingerprints of the fp32 demo model; loaded in bf16,
+    the model has the same fingerprints (those of its weights as stored), so the files load."""
+    from cones_jax import artifacts, neurons
+    from cones_jax.pipeline import fingerprint_params, load_pipeline
+
+    cones = sorted(os.path.join(evaluate.DEMO_NEURONS, f) for f in os.listdir(evaluate.DEMO_NEURONS))
+    residuals = sorted(os.path.join(evaluate.DEMO_RESIDUALS, f) for f in os.listdir(evaluate.DEMO_RESIDUALS))
+    for dtype in ("fp32", "bf16"):
+        sd = load_pipeline(DEMO_MODEL, dtype=dtype, components=("unet", "text_encoder"))
+        sets = neurons.load_for_model(cones, sd.params["unet"], fingerprint=sd.unet_fingerprint)
+        assert {c.unet for c in sets} == {sd.unet_fingerprint}
+        # a residual of another text encoder only warns: its recorded fingerprint is compared here
+        assert {artifacts.load_residual(p).text_encoder for p in residuals} == {sd.text_encoder_fingerprint}
+    assert fingerprint_params(sd.params["unet"]) != sd.unet_fingerprint  # the bf16 params' own would refuse them
+
+
 def test_workdir_of_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
     work = str(tmp_path / "run")
     os.makedirs(work)

@@ -123,6 +123,18 @@ def test_artifact_roundtrip_both_encodings(setup, tmp_path):
         assert payload <= min(4 * cn.count, cn.searched / 8) + 16 * len(setup.paths), (payload, cn.count)
 
 
+def test_neurons_searched_in_fp32_load_under_bf16(setup, tiny, tmp_path):
+    from cones_jax.pipeline import load_pipeline
+
+    path = str(tmp_path / "fp32.cones")
+    neurons.save_neurons(path, _random_set(setup, 0.01, 4))
+    sd = load_pipeline(tiny[0], dtype="bf16", components=("unet",))
+    (back,) = neurons.load_for_model([path], sd.params["unet"], fingerprint=sd.unet_fingerprint)
+    assert back.unet == setup.fingerprint == sd.unet_fingerprint
+    with pytest.raises(neurons.NeuronsError, match="another base model"):  # the bf16 params' own fingerprint
+        neurons.load_for_model([path], sd.params["unet"])
+
+
 def test_union_is_the_product_of_masks(setup):
     a, b = _random_set(setup, 0.05, 1), _random_set(setup, 0.05, 2, "xyz")
     u = neurons.union([a, b])

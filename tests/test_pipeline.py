@@ -143,6 +143,36 @@ def test_pickle_weights_are_refused(sd1_folder, tmp_path):
     _one_line(e)
 
 
+def _fingerprint_as_shipped(tree):
+    """`pipeline.fingerprint_params` as the shipped artifacts were made with it: their fingerprints
+    must not change."""
+    import hashlib
+
+    from cones_jax.convert import flatten
+
+    h = hashlib.sha256()
+    for path, leaf in sorted(flatten(tree).items()):
+        h.update("/".join(path).encode() + str(tuple(leaf.shape)).encode())
+        if leaf.size <= 1 << 20:
+            h.update(np.asarray(leaf, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_fingerprints_are_of_the_weights_as_stored(sd1_folder):
+    """Computed while converting, before the cast: an fp32 model loaded in fp32 keeps the fingerprints
+    that artifacts carry, and loaded in bf16 has the same ones."""
+    from cones_jax.pipeline import fingerprint_params
+
+    sd32 = load_pipeline(sd1_folder, components=("unet", "text_encoder"))
+    for name in ("unet", "text_encoder"):
+        want = _fingerprint_as_shipped(sd32.params[name])
+        assert getattr(sd32, f"{name}_fingerprint") == fingerprint_params(sd32.params[name]) == want
+    bf = load_pipeline(sd1_folder, dtype="bf16", components=("unet", "text_encoder"))
+    assert jax.tree.leaves(bf.params["unet"])[0].dtype == jnp.bfloat16
+    assert (bf.unet_fingerprint, bf.text_encoder_fingerprint) == (sd32.unet_fingerprint, sd32.text_encoder_fingerprint)
+    assert _fingerprint_as_shipped(bf.params["unet"]) != sd32.unet_fingerprint  # what the cast params give
+
+
 def test_fp16_variant_and_dtype_cast(sd1_folder, tmp_path):
     root = _copy(sd1_folder, tmp_path / "v")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(root, safety_checker=None, torch_dtype=torch.float16)

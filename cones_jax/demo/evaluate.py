@@ -363,7 +363,8 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
             lay = identity_prompt(names, method, residual_dir, boxed=with_layout, strength=cfg["weight_positive"])
             params = None
             if files:
-                sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f) for f in files], sd.params["unet"])
+                sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f) for f in files], sd.params["unet"],
+                                                  fingerprint=sd.unet_fingerprint)
                 params = dict(sd.params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
             t0 = time.perf_counter()
             found = [[subject_traits(detect.find_things(detector, img), SUBJECTS[n]) for n in names]
