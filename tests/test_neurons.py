@@ -133,6 +133,13 @@ def test_neurons_searched_in_fp32_load_under_bf16(setup, tiny, tmp_path):
     assert back.unet == setup.fingerprint == sd.unet_fingerprint
     with pytest.raises(neurons.NeuronsError, match="another base model"):  # the bf16 params' own fingerprint
         neurons.load_for_model([path], sd.params["unet"])
+    # and through the command line, as a user runs it
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": "a dog on the beach", "size": [32, 32],
+                                  "subjects": [{"word": "dog", "box": [0, 0, 1, 1]}]}))
+    rc = sample_cli.main(["--layout", str(layout), "--model", tiny[0], "--out", str(tmp_path / "out"), "--steps", "1",
+                          "--seeds", "0", "--dtype", "bf16", "--neurons", path])
+    assert rc == 0 and (tmp_path / "out" / "layout_seed0000.png").exists()
 
 
 def test_union_is_the_product_of_masks(setup):
