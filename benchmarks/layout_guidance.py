@@ -2,8 +2,8 @@
 
     python benchmarks/layout_guidance.py --config sd21-base --resolution 512 --steps 4
 
-Two measurements on random weights of the chosen architecture (SD UNet configs from
-`cones_jax.bench`, the SD 2.x VAE and OpenCLIP-H text tower for the full sampler):
+Two measurements on random weights of the chosen architecture (SD UNet, VAE and text-tower
+configs from `cones_jax.bench`):
   1. one UNet call on a CFG batch (2 x batch) without and with the Eq. 7 bias on every
      cross-attention layer: the per-call overhead of guidance (target <= 1.05);
   2. the whole jitted sampler (text encoding, loop, VAE decode) per image: unguided, guided with
@@ -28,36 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cones_jax import generate as gen, guidance, sampling, schedulers  # noqa: E402
-from cones_jax.bench import UNET_CONFIGS  # noqa: E402
-from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer  # noqa: E402
-from cones_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from cones_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from cones_jax.pipeline import StableDiffusion, parse_dtype  # noqa: E402
-
-TEXT = {  # OpenCLIP-H as exported for SD 2.x (23 layers); a small one for "tiny"
-    "big": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=0, model_type="clip_text_model"),
-    "tiny": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=998,
-                 eos_token_id=999, pad_token_id=0, model_type="clip_text_model"),
-}
-VAE = {"big": dict(block_out_channels=[128, 256, 512, 512]), "tiny": dict(block_out_channels=[32, 32, 32, 32])}
-
-
-def random_pipeline(name: str, dtype) -> StableDiffusion:
-    size = "tiny" if name == "tiny" else "big"
-    unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS[name]), dtype=dtype)
-    vae = AutoencoderKL(VAEConfig.from_dict(VAE[size]), dtype=dtype)
-    text = CLIPTextTransformer(CLIPTextConfig.from_dict(TEXT[size]))
-    key = jax.random.PRNGKey(0)
-    init = lambda m, *a, **kw: jax.jit(lambda k: m.init(k, *a, **kw)["params"])(key)
-    params = {"unet": init(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, text.config.hidden_size))),
-              "vae": init(vae, jnp.zeros((1, 16, 16, 3))),
-              "text_encoder": init(text, jnp.zeros((1, 77), jnp.int32))}
-    cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(dtype), t)
-    params["unet"], params["vae"] = cast(params["unet"]), cast(params["vae"])
-    return StableDiffusion("<random>", unet, vae, text, None, schedulers.SchedulerConfig(), params)
+from cones_jax.bench import UNET_CONFIGS, random_pipeline, timed_rounds  # noqa: E402
+from cones_jax.pipeline import parse_dtype  # noqa: E402
 
 
 def layout_maps(sd, batch, lat):
@@ -71,16 +43,6 @@ def layout_maps(sd, batch, lat):
         m[:, :, 5] = np.where(~left, 2.5, -1e8)
         maps[f"{h}x{h}"] = jnp.asarray(m)
     return maps
-
-
-def timed_rounds(fns: dict, rounds: int) -> dict:
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv=None):

@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cones_jax import neurons, training  # noqa: E402
+from cones_jax.bench import torch_to_jax  # noqa: E402
 from train_step import (PREDICTION, TEXT_CONFIGS, JaxRunner, _log, alternate, build_models, report,  # noqa: E402
-                        to_jax, torch_noised)
+                        torch_noised)
 
 
 def main(argv=None) -> dict:
@@ -54,7 +55,8 @@ def main(argv=None) -> dict:
     _log(f"building {args.config} UNet (seed 0) and converting it")
     unet_t, _ = build_models(args.config)
     unet_t, text_t = unet_t, _
-    unet, unet_params, _, _ = to_jax(unet_t, text_t, jnp.float32)
+    converted = torch_to_jax(unet_t, text_t)
+    unet, unet_params = converted.unet, converted.params["unet"]
     ptype = PREDICTION[args.config]
     ac = alphas_cumprod(SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012,
                                                        beta_schedule="scaled_linear", prediction_type=ptype)))

@@ -33,23 +33,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cones_jax import residual, training  # noqa: E402
-from cones_jax.bench import UNET_CONFIGS  # noqa: E402
-from cones_jax.config import load_config  # noqa: E402
+from cones_jax.bench import (PREDICTION, TEXT_CONFIGS, StepRunner as JaxRunner, residual_step_inputs,  # noqa: E402
+                              residual_train_step, torch_models as build_models, torch_to_jax)
 from cones_jax.models.vae import VAEConfig  # noqa: E402
 
-# transformers CLIPTextConfig keyword dicts of each base model's text tower.
-TEXT_CONFIGS = {
-    "tiny": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                 hidden_act="quick_gelu"),
-    "sd15": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                 num_hidden_layers=12, hidden_act="quick_gelu"),
-    "sd21-base": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                      num_hidden_layers=23, hidden_act="gelu"),
-    "sd21": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                 num_hidden_layers=23, hidden_act="gelu"),
-}
-PREDICTION = {"tiny": "epsilon", "sd15": "epsilon", "sd21-base": "epsilon", "sd21": "v_prediction"}
 SETTLE_S = 0.5  # lets the other framework's worker threads park before a timed call (see cones_jax.bench)
 
 
@@ -77,19 +64,6 @@ def alternate(jax_run, torch_run, warmup: int, iters: int) -> tuple[list[float],
     return jt, tt
 
 
-class JaxRunner:
-    """Compiles a `training.TrainStep` ahead of time; each call runs one step on the same batch,
-    carries the (donated) state in `self.state` and waits for the loss."""
-
-    def __init__(self, step, state, batch):
-        self.step, self.state, self.batch = step, state, step.put_batch(batch)
-        step.compile(state, self.batch)
-
-    def __call__(self) -> float:
-        self.state, metrics = self.step(self.state, self.batch)
-        return float(metrics["loss"])
-
-
 def torch_noised(mean_t, std_t, ac_t, prediction_type: str):
     """The PyTorch side's draw: latent sample, noise, timesteps; returns (noisy latents, t, target)."""
     import torch
@@ -103,71 +77,15 @@ def torch_noised(mean_t, std_t, ac_t, prediction_type: str):
     return noisy, t, target
 
 
-def build_models(name: str):
-    import diffusers
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[name])
-    text_cfg = transformers.CLIPTextConfig(**TEXT_CONFIGS[name], max_position_embeddings=77,
-                                           bos_token_id=TEXT_CONFIGS[name]["vocab_size"] - 2,
-                                           eos_token_id=TEXT_CONFIGS[name]["vocab_size"] - 1)
-    text = transformers.CLIPTextModel(text_cfg)
-    return unet, text
-
-
-def to_jax(unet_t, text_t, jdtype, remat: bool = False):
-    from cones_jax import convert
-    from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, \
-        text_encoder_shapes
-    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
-
-    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(unet_t.config)), dtype=jdtype, remat=remat)
-    unet_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in unet_t.state_dict().items()},
-                                             unet.param_shapes(), dtype=jdtype, component="unet", put=jax.device_put)
-    text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_t.config.to_dict()), remat=remat)
-    text_params = convert.convert_state_dict({k: v.detach().numpy() for k, v in text_t.state_dict().items()},
-                                             text_encoder_shapes(text), rename=text_encoder_rename,
-                                             component="text_encoder", put=jax.device_put)
-    return unet, unet_params, text, text_params
-
-
 def common_inputs(args):
-    """What both sides share: the bare-word prompt (start, one word token, end, padding), cached
-    latents, the noise schedule and the training config."""
-    from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
-
-    ptype = PREDICTION[args.config]
-    sched = SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           prediction_type=ptype))
-    vocab = TEXT_CONFIGS[args.config]["vocab_size"]
-    ids_L = np.full((77,), vocab - 1, np.int32)
-    ids_L[0], ids_L[1] = vocab - 2, 5
-    free_L = np.zeros((77,), bool)
-    free_L[1] = True
-    lat = args.resolution // 8
-    rng = np.random.default_rng(0)
-    batch = {"mean": rng.standard_normal((args.batch, lat, lat, 4), dtype=np.float32),
-             "std": np.full((args.batch, lat, lat, 4), 0.05, np.float32)}
-    return dict(cfg=load_config("cones2_train_official"), ptype=ptype,
-                ac=alphas_cumprod(sched).astype(np.float32), ids_L=ids_L, free_L=free_L, batch=batch)
+    """What both sides share (see `cones_jax.bench.residual_step_inputs`)."""
+    return residual_step_inputs(args.config, args.resolution, args.batch)
 
 
 def jax_side(args, unet_t, text_t, inp):
     """Our step, AOT-compiled; returns (runner, compile seconds). Frees nothing of the caller's."""
     jdtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
-    unet, unet_params, text, text_params = to_jax(unet_t, text_t, jdtype, remat=args.remat)
-    cfg, ptype = inp["cfg"], inp["ptype"]
-    frozen_out = residual.encode_prompts(text, text_params, inp["ids_L"][None], chunk=1)[0]
-    frozen = {"unet": unet_params, "instance_ids": jnp.asarray(inp["ids_L"]),
-              "reg_target": jnp.asarray(frozen_out), "reg_free": jnp.asarray(inp["free_L"])}
-    spec = residual.LossSpec(text=text, unet=unet, vae_config=VAEConfig(), alphas_cumprod_T=inp["ac"],
-                             prediction_type=ptype, reg="official", lambda_start=cfg["lambda_start"],
-                             lambda_rest=cfg["lambda_rest"])
-    optimizer = training.make_optimizer(cfg)
-    step = training.make_train_step(residual.make_loss_fn(spec), optimizer, training.make_mesh(args.batch), frozen)
-    state = step.put_state(training.init_state({"text_encoder": text_params}, optimizer, seed=0))
+    step, state = residual_train_step(torch_to_jax(unet_t, text_t, dtype=jdtype, remat=args.remat), inp)
     runner = JaxRunner(step, state, inp["batch"])
     _log(f"jax step compiled in {step.compile_seconds:.1f} s on {jax.devices()[0].device_kind}")
     mem = step.memory_gib()
