@@ -25,6 +25,8 @@ from PIL import Image
 from cones_jax import artifacts, guidance, layout as layout_lib, sampling, schedulers
 from cones_jax.config import load_config
 from cones_jax.fileio import atomic_output
+from cones_jax.layout.draw import heatmap_overlay, image_grid, subject_heatmaps, to_uint8 as _to_uint8
+from cones_jax.models.unet import cross_attention_resolutions
 
 DEFAULT_MODEL_ENV = "CONES_JAX_MODEL"
 
@@ -57,11 +59,6 @@ def default_model() -> str:
         return demo
     raise GenerateError("no --model given and no bundled demo model found; pass --model a local Stable "
                         f"Diffusion folder in diffusers layout (or set {DEFAULT_MODEL_ENV})")
-
-
-def cross_attention_resolutions(sd, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
-    n = len(sd.unet.config.block_out_channels)
-    return [(latent_h // 2 ** k, latent_w // 2 ** k) for k in range(n)]
 
 
 def prepare_layout(sd, lay, cfg: dict, *, height: int | None = None, width: int | None = None,
@@ -97,7 +94,8 @@ def prepare_layout(sd, lay, cfg: dict, *, height: int | None = None, width: int 
     weight_negative = lay.weight_negative if lay.weight_negative is not None else cfg["weight_negative"]
     gammas = layout_lib.gamma_maps(lay, masks, weight_negative)
     lat_h, lat_w = height // sd.latent_factor, width // sd.latent_factor
-    maps = layout_lib.attention_maps(gammas, flat_positions, len(ids), cross_attention_resolutions(sd, lat_h, lat_w))
+    resolutions = cross_attention_resolutions(sd.unet.config, (lat_h, lat_w))
+    maps = layout_lib.attention_maps(gammas, flat_positions, len(ids), resolutions)
     return Prepared(ids, neg_ids, rows, maps, masks, positions, height, width)
 
 
@@ -204,54 +202,9 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-
 def save_png(path: str, image: Image.Image) -> None:
     with atomic_output(path) as f:
         image.save(f, format="PNG")
-
-
-def image_grid(images: Sequence[np.ndarray]) -> Image.Image:
-    n = len(images)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    h, w = images[0].shape[:2]
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return Image.fromarray(grid)
-
-
-def subject_heatmaps(maps_tree, positions, height: int, width: int) -> np.ndarray:
-    """Per-subject cross-attention heat maps [S, H, W] in [0, 1] from the sown attention sums.
-
-    Each layer's map [Q, K] (summed over steps, head-averaged) is reshaped to its grid, the
-    columns of the subject's tokens are summed, layers are resized to the image and averaged.
-    """
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(maps_tree)]
-    out = np.zeros((len(positions), height, width), np.float32)
-    for leaf in leaves:  # [Q, K] for one image
-        q = leaf.shape[0]
-        scale = int(round(np.sqrt(height * width / q)))
-        gh, gw = height // scale, width // scale
-        for s, occ in enumerate(positions):
-            cols = [p for o in occ for p in o]
-            m = leaf[:, cols].sum(-1).reshape(gh, gw)
-            out[s] += np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.BILINEAR))
-    out -= out.min(axis=(1, 2), keepdims=True)
-    out /= np.maximum(out.max(axis=(1, 2), keepdims=True), 1e-12)
-    return out
-
-
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
-    """The image darkened, with the heat map in red-yellow on top."""
-    colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], -1) * 255.0
-    alpha = (0.75 * heat)[..., None]
-    mixed = image.astype(np.float32) * 0.5 * (1 - alpha) + colour * alpha
-    return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
 
 
 def output_paths(out_dir: str, stem: str, seeds: Sequence[int], *, show_layout: bool, attention: bool,

@@ -98,6 +98,24 @@ class UNetConfig:
         return cfg
 
 
+def cross_attention_resolutions(config: UNetConfig, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (h, w) latent grids at which a UNet of `config` cross-attends, finest first, one per level.
+
+    Level k runs at the latent size halved k times (each `Downsample2D` is a 3x3 stride-2 conv, so
+    it rounds up). A level cross-attends when its down block or its mirrored up block (up block
+    n-1-k) is a CrossAttn block; the coarsest level always does, in the mid block.
+    """
+    n = len(config.block_out_channels)
+    h, w = latent_hw
+    out = []
+    for k in range(n):
+        if (config.down_block_types[k] == "CrossAttnDownBlock2D" or k == n - 1
+                or config.up_block_types[n - 1 - k] == "CrossAttnUpBlock2D"):
+            out.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return out
+
+
 class _Blocks(nn.Module):
     """One down/mid/up block of the UNet: resnets, optional transformers, optional resampler."""
 
