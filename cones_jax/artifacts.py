@@ -1,5 +1,8 @@
-"""Small artifacts: a subject's residual token embedding (Cones 2) as a few-KB safetensors file.
+"""Small artifacts, each a safetensors file with string metadata: a subject's residual token
+embedding (Cones 2) and a set of concept neurons (Cones, a `.cones` file).
 
+Residual
+--------
 A residual file holds one tensor, `residual` [n, d] float32 (one row per sub-word of the subject
 word), and string metadata:
 
@@ -10,6 +13,20 @@ word), and string metadata:
   dim           d, the text encoder's width
   text_encoder  fingerprint of the base text encoder (`StableDiffusion.text_encoder_fingerprint`)
   preset        how it was trained ("official", "paper", "imported")
+
+Concept neurons
+---------------
+A `.cones` file holds, per searched UNet tensor (named by its "/"-joined Flax path), the sorted flat
+indices of its shut neurons as one uint8 tensor: delta-coded LEB128 varints or a bitmap, deflated,
+whichever is smaller. Its metadata:
+
+  format        "cones_jax.neurons"
+  version       "1"
+  unet          fingerprint of the base UNet (`StableDiffusion.unet_fingerprint`)
+  tensors       JSON {path: {"shape": [...], "count": n, "encoding": "delta" or "bitmap"}}
+  identifiers   JSON list of the identifier tokens, e.g. ["sks"]
+  classes       JSON list of the class words, e.g. ["dog"]
+  ...           anything else the search recorded (steps, tau, ...), kept in `ConceptNeurons.meta`
 """
 
 from __future__ import annotations
@@ -18,16 +35,26 @@ import dataclasses
 import json
 import os
 import warnings
+import zlib
 
 import numpy as np
 
 from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle, save_safetensors
 
 RESIDUAL_FORMAT = "cones_jax.residual"
+NEURONS_FORMAT = "cones_jax.neurons"
 
 
 class ArtifactError(ValueError):
     """An artifact does not fit the model or is malformed (one-line message)."""
+
+
+class NeuronsError(ValueError):
+    """Bad input to concept-neuron search or use (one-line message; the CLIs exit with code 2)."""
+
+
+class NeuronsFileError(NeuronsError, ArtifactError):
+    """A `.cones` file is missing, malformed or for another model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +130,152 @@ def load_residual(path: str, *, word: str | None = None, dim: int | None = None,
         warnings.warn(f"{path} was trained on another base text encoder ({res.text_encoder} vs {text_encoder}); "
                       "results may be poor", stacklevel=2)
     return res
+
+
+# --------------------------------------------------------------------------------------------
+# Concept neurons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptNeurons:
+    """One `.cones` file: the shut neurons of one subject (or of a joint fine-tune of several)."""
+
+    indices: dict[str, np.ndarray]   # path -> sorted flat indices of shut weights
+    shapes: dict[str, tuple[int, ...]]
+    identifiers: tuple[str, ...]     # e.g. ("sks",)
+    classes: tuple[str, ...]         # e.g. ("dog",)
+    unet: str = ""                   # fingerprint of the base UNet
+    meta: dict = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(v) for v in self.indices.values()))
+
+    @property
+    def searched(self) -> int:
+        return int(sum(np.prod(s) for s in self.shapes.values()))
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 varints of non-negative integers (deltas of sorted indices)."""
+    if len(values) and int(np.min(values)) < 0:
+        raise ValueError("indices must be sorted (negative delta)")
+    out = bytearray()
+    for v in values.tolist():
+        while True:
+            byte = v & 0x7F
+            v >>= 7
+            if v:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+    return bytes(out)
+
+
+def _from_varints(raw: bytes, count: int) -> np.ndarray:
+    vals, v, shift = [], 0, 0
+    for byte in raw:
+        v |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            vals.append(v)
+            v, shift = 0, 0
+    if len(vals) != count or shift:
+        raise ValueError("truncated index stream")
+    return np.array(vals, np.int64)
+
+
+def encode_indices(indices: np.ndarray, size: int) -> tuple[bytes, str]:
+    """Sorted unique flat indices -> (bytes, encoding): delta-coded varints or a bitmap, deflated;
+    the smaller wins (deltas for sparse sets, the bitmap past a few percent)."""
+    idx = np.asarray(indices, np.int64)
+    delta = zlib.compress(_varints(np.diff(idx, prepend=0)), 9)
+    bits = np.zeros(size, bool)
+    bits[idx] = True
+    bitmap = zlib.compress(np.packbits(bits).tobytes(), 9)
+    return (delta, "delta") if len(delta) <= len(bitmap) else (bitmap, "bitmap")
+
+
+def decode_indices(raw: bytes, encoding: str, count: int, size: int, where: str) -> np.ndarray:
+    """The inverse of `encode_indices`; `where` names the tensor in error messages."""
+    try:
+        data = zlib.decompress(raw)
+        if encoding == "delta":
+            idx = np.cumsum(_from_varints(data, count))
+        elif encoding == "bitmap":
+            idx = np.flatnonzero(np.unpackbits(np.frombuffer(data, np.uint8))[:size]).astype(np.int64)
+        else:
+            raise ValueError(f"unknown encoding {encoding!r}")
+    except (zlib.error, ValueError) as e:
+        raise NeuronsFileError(f"{where}: corrupt index data ({e})") from None
+    return check_indices(idx, count, size, where)
+
+
+def check_indices(idx: np.ndarray, count: int, size: int, where: str) -> np.ndarray:
+    """`idx` itself when it holds `count` sorted unique indices into a tensor of `size` weights."""
+    if len(idx) != count:
+        raise NeuronsFileError(f"{where}: holds {len(idx)} indices but says {count}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= size):
+        raise NeuronsFileError(f"{where}: index {int(idx.max() if idx.max() >= size else idx.min())} is out of range "
+                               f"for a tensor of {size} weights; the file is corrupt or for another model")
+    if np.any(np.diff(idx) <= 0):
+        raise NeuronsFileError(f"{where}: indices overlap or are unsorted; the file is corrupt")
+    return idx
+
+
+def save_neurons(path: str, cn: ConceptNeurons) -> None:
+    """Writes `cn` as a `.cones` file (atomically); its indices are checked first."""
+    tensors, table = {}, {}
+    for k in sorted(cn.indices):
+        size = int(np.prod(cn.shapes[k]))
+        idx = check_indices(np.asarray(cn.indices[k], np.int64), len(cn.indices[k]), size, k)
+        raw, enc = encode_indices(idx, size)
+        tensors[k] = np.frombuffer(raw, np.uint8)
+        table[k] = {"shape": list(cn.shapes[k]), "count": int(len(idx)), "encoding": enc}
+    meta = {"format": NEURONS_FORMAT, "version": "1", "unet": cn.unet, "tensors": json.dumps(table),
+            "identifiers": json.dumps(list(cn.identifiers)), "classes": json.dumps(list(cn.classes)),
+            **{k: str(v) for k, v in cn.meta.items()}}
+    save_safetensors(path, tensors, meta)
+
+
+def load_neurons(path: str, *, unet_fingerprint: str | None = None,
+                 unet_shapes: dict[str, tuple[int, ...]] | None = None) -> ConceptNeurons:
+    """Reads a `.cones` file; checks it against the base UNet (fingerprint and tensor shapes)."""
+    if not os.path.isfile(path):
+        raise NeuronsFileError(f"concept-neuron file {path} does not exist")
+    try:
+        tensors, meta = load_safetensors(path)
+    except CheckpointError as e:
+        raise NeuronsFileError(str(e)) from None
+    if meta.get("format") != NEURONS_FORMAT:
+        raise NeuronsFileError(f"{path} is not a cones_jax concept-neuron file (format={meta.get('format')!r})")
+    try:
+        table = json.loads(meta["tensors"])
+        identifiers = tuple(json.loads(meta.get("identifiers", "[]")))
+        classes = tuple(json.loads(meta.get("classes", "[]")))
+    except (KeyError, json.JSONDecodeError):
+        raise NeuronsFileError(f"{path}: corrupt metadata") from None
+    if unet_fingerprint and meta.get("unet") and meta["unet"] != unet_fingerprint:
+        raise NeuronsFileError(f"{path} was found on another base model (UNet {meta['unet']}, this one is "
+                               f"{unet_fingerprint}); search the neurons again on this model")
+    indices, shapes = {}, {}
+    for k, info in table.items():
+        shape = tuple(int(s) for s in info["shape"])
+        if unet_shapes is not None:
+            if k not in unet_shapes:
+                raise NeuronsFileError(f"{path}: tensor {k} is not in this UNet; the file is for another model")
+            if tuple(unet_shapes[k]) != shape:
+                raise NeuronsFileError(f"{path}: tensor {k} has shape {shape} here but {tuple(unet_shapes[k])} in this "
+                                       "UNet; the file is for another model")
+        if k not in tensors:
+            raise NeuronsFileError(f"{path}: no index data for {k}")
+        indices[k] = decode_indices(np.asarray(tensors[k]).tobytes(), info["encoding"], int(info["count"]),
+                                    int(np.prod(shape)), f"{path}: {k}")
+        shapes[k] = shape
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "tensors", "identifiers",
+                                                         "classes")}
+    return ConceptNeurons(indices, shapes, identifiers, classes, meta.get("unet", ""), extra, path)

@@ -15,20 +15,17 @@ step. `restrict_updates` (an optax transformation with an elementwise mask, `sea
 confines a search to a subset of the weights: `finetune_union` (Sec. 3.3) re-runs it with the
 summed loss of several subjects over the union of their neurons and keeps the union's best.
 
-A `.cones` file (safetensors) holds, per searched tensor, the sorted flat indices of its shut
-neurons, compressed (delta-coded varints or a bitmap, deflated, whichever is smaller), and the
-base UNet's fingerprint, the identifier token and the class word. Several files apply together:
-the union of their index sets is shut (the product of their masks).
+Found neurons are saved as a `.cones` file (`cones_jax.artifacts`: the format, `save_neurons`,
+`load_neurons`; re-exported here). Several files apply together: the union of their index sets is
+shut (the product of their masks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
-import zlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -37,20 +34,16 @@ import numpy as np
 import optax
 
 from cones_jax import training
+from cones_jax.artifacts import (NEURONS_FORMAT, ConceptNeurons, NeuronsError, check_indices,  # noqa: F401
+                                 decode_indices, encode_indices, load_neurons, save_neurons)
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
-from cones_jax.fileio import CheckpointError, load_safetensors, save_safetensors
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
 
-NEURONS_FORMAT = "cones_jax.neurons"
 CHECKPOINT_KIND = "cones1_neurons"
 CROSS_ATTENTION_KV = (r"attn2/to_k/kernel$", r"attn2/to_v/kernel$")
 SELF_ATTENTION_KV = (r"attn1/to_k/kernel$", r"attn1/to_v/kernel$")
-
-
-class NeuronsError(ValueError):
-    """Bad input to concept-neuron search or use (one-line message; the CLIs exit with code 2)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,147 +223,8 @@ def select_neurons(scores: dict[str, np.ndarray], tau: float) -> dict[str, np.nd
 
 
 # --------------------------------------------------------------------------------------------
-# The artifact
+# Sets of neurons applied to a UNet
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ConceptNeurons:
-    indices: dict[str, np.ndarray]   # path -> sorted flat indices of shut weights
-    shapes: dict[str, tuple[int, ...]]
-    identifiers: tuple[str, ...]     # e.g. ("sks",)
-    classes: tuple[str, ...]         # e.g. ("dog",)
-    unet: str = ""                   # fingerprint of the base UNet
-    meta: dict = dataclasses.field(default_factory=dict)
-    path: str = ""
-
-    @property
-    def count(self) -> int:
-        return int(sum(len(v) for v in self.indices.values()))
-
-    @property
-    def searched(self) -> int:
-        return int(sum(np.prod(s) for s in self.shapes.values()))
-
-
-def _varints(values: np.ndarray) -> bytes:
-    """LEB128 varints of non-negative integers (deltas of sorted indices)."""
-    if len(values) and int(np.min(values)) < 0:
-        raise ValueError("indices must be sorted (negative delta)")
-    out = bytearray()
-    for v in values.tolist():
-        while True:
-            byte = v & 0x7F
-            v >>= 7
-            if v:
-                out.append(byte | 0x80)
-            else:
-                out.append(byte)
-                break
-    return bytes(out)
-
-
-def _from_varints(raw: bytes, count: int) -> np.ndarray:
-    vals, v, shift = [], 0, 0
-    for byte in raw:
-        v |= (byte & 0x7F) << shift
-        if byte & 0x80:
-            shift += 7
-        else:
-            vals.append(v)
-            v, shift = 0, 0
-    if len(vals) != count or shift:
-        raise ValueError("truncated index stream")
-    return np.array(vals, np.int64)
-
-
-def encode_indices(indices: np.ndarray, size: int) -> tuple[bytes, str]:
-    """Sorted unique flat indices -> (bytes, encoding): delta-coded varints or a bitmap, deflated;
-    the smaller wins (deltas for sparse sets, the bitmap past a few percent)."""
-    idx = np.asarray(indices, np.int64)
-    delta = zlib.compress(_varints(np.diff(idx, prepend=0)), 9)
-    bits = np.zeros(size, bool)
-    bits[idx] = True
-    bitmap = zlib.compress(np.packbits(bits).tobytes(), 9)
-    return (delta, "delta") if len(delta) <= len(bitmap) else (bitmap, "bitmap")
-
-
-def decode_indices(raw: bytes, encoding: str, count: int, size: int, where: str) -> np.ndarray:
-    try:
-        data = zlib.decompress(raw)
-        if encoding == "delta":
-            idx = np.cumsum(_from_varints(data, count))
-        elif encoding == "bitmap":
-            idx = np.flatnonzero(np.unpackbits(np.frombuffer(data, np.uint8))[:size]).astype(np.int64)
-        else:
-            raise ValueError(f"unknown encoding {encoding!r}")
-    except (zlib.error, ValueError) as e:
-        raise NeuronsError(f"{where}: corrupt index data ({e})") from None
-    return check_indices(idx, count, size, where)
-
-
-def check_indices(idx: np.ndarray, count: int, size: int, where: str) -> np.ndarray:
-    if len(idx) != count:
-        raise NeuronsError(f"{where}: holds {len(idx)} indices but says {count}")
-    if len(idx) and (idx.min() < 0 or idx.max() >= size):
-        raise NeuronsError(f"{where}: index {int(idx.max() if idx.max() >= size else idx.min())} is out of range "
-                           f"for a tensor of {size} weights; the file is corrupt or for another model")
-    if np.any(np.diff(idx) <= 0):
-        raise NeuronsError(f"{where}: indices overlap or are unsorted; the file is corrupt")
-    return idx
-
-
-def save_neurons(path: str, cn: ConceptNeurons) -> None:
-    tensors, table = {}, {}
-    for k in sorted(cn.indices):
-        size = int(np.prod(cn.shapes[k]))
-        idx = check_indices(np.asarray(cn.indices[k], np.int64), len(cn.indices[k]), size, k)
-        raw, enc = encode_indices(idx, size)
-        tensors[k] = np.frombuffer(raw, np.uint8)
-        table[k] = {"shape": list(cn.shapes[k]), "count": int(len(idx)), "encoding": enc}
-    meta = {"format": NEURONS_FORMAT, "version": "1", "unet": cn.unet, "tensors": json.dumps(table),
-            "identifiers": json.dumps(list(cn.identifiers)), "classes": json.dumps(list(cn.classes)),
-            **{k: str(v) for k, v in cn.meta.items()}}
-    save_safetensors(path, tensors, meta)
-
-
-def load_neurons(path: str, *, unet_fingerprint: str | None = None,
-                 unet_shapes: dict[str, tuple[int, ...]] | None = None) -> ConceptNeurons:
-    """Reads a `.cones` file; checks it against the base UNet (fingerprint and tensor shapes)."""
-    if not os.path.isfile(path):
-        raise NeuronsError(f"concept-neuron file {path} does not exist")
-    try:
-        tensors, meta = load_safetensors(path)
-    except CheckpointError as e:
-        raise NeuronsError(str(e)) from None
-    if meta.get("format") != NEURONS_FORMAT:
-        raise NeuronsError(f"{path} is not a cones_jax concept-neuron file (format={meta.get('format')!r})")
-    try:
-        table = json.loads(meta["tensors"])
-        identifiers = tuple(json.loads(meta.get("identifiers", "[]")))
-        classes = tuple(json.loads(meta.get("classes", "[]")))
-    except (KeyError, json.JSONDecodeError):
-        raise NeuronsError(f"{path}: corrupt metadata") from None
-    if unet_fingerprint and meta.get("unet") and meta["unet"] != unet_fingerprint:
-        raise NeuronsError(f"{path} was found on another base model (UNet {meta['unet']}, this one is "
-                           f"{unet_fingerprint}); search the neurons again on this model")
-    indices, shapes = {}, {}
-    for k, info in table.items():
-        shape = tuple(int(s) for s in info["shape"])
-        if unet_shapes is not None:
-            if k not in unet_shapes:
-                raise NeuronsError(f"{path}: tensor {k} is not in this UNet; the file is for another model")
-            if tuple(unet_shapes[k]) != shape:
-                raise NeuronsError(f"{path}: tensor {k} has shape {shape} here but {tuple(unet_shapes[k])} in this "
-                                   "UNet; the file is for another model")
-        if k not in tensors:
-            raise NeuronsError(f"{path}: no index data for {k}")
-        indices[k] = decode_indices(np.asarray(tensors[k]).tobytes(), info["encoding"], int(info["count"]),
-                                    int(np.prod(shape)), f"{path}: {k}")
-        shapes[k] = shape
-    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "tensors", "identifiers",
-                                                         "classes")}
-    return ConceptNeurons(indices, shapes, identifiers, classes, meta.get("unet", ""), extra, path)
 
 
 def union(sets: Sequence[ConceptNeurons]) -> dict[str, np.ndarray]:
