@@ -1,4 +1,4 @@
-"""PyTorch state dict -> Flax params, by a handful of mechanical rules, every shape checked.
+"""PyTorch state dict <-> Flax params, by a handful of mechanical rules, every shape checked both ways.
 
 Our Flax modules are named after the PyTorch module paths (`down_blocks_0/resnets_1/conv1`), so a
 PyTorch key maps to a Flax path by joining each list index onto the name before it
@@ -12,6 +12,8 @@ comes from what the target tree holds at that path:
   bias                      <- bias
 
 The target tree comes from `jax.eval_shape(module.init, ...)`: no weights are created to learn it.
+`to_state_dict` runs the rules backwards (Flax path -> PyTorch key, HWIO -> OIHW, `.T`) to write
+folders that diffusers loads, and checks every shape again.
 This module is pure: numpy in, numpy out; no file access, no jax device work.
 """
 
@@ -167,27 +169,94 @@ def convert_state_dict(
     return unflatten(out)
 
 
-def params_to_state_dict(params: Mapping, template: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Inverse of `convert_state_dict`: template maps PyTorch key -> PyTorch shape.
+# --------------------------------------------------------------------------------------------
+# The inverse: Flax params -> PyTorch state dict (to write folders that diffusers loads)
+# --------------------------------------------------------------------------------------------
 
-    Used to write checkpoints that PyTorch diffusers can load (the bundled demo model) and by
-    round-trip tests.
+_NOT_LISTS = ("linear_1", "linear_2")  # TimestepEmbedding's own names, not list entries
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+    """Flax path -> PyTorch key, the inverse of `torch_key_to_path`
+    (`down_blocks_0/resnets_1/conv1/kernel` -> `down_blocks.0.resnets.1.conv1.weight`)."""
+    parts = [p if p in _NOT_LISTS else re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
+    leaf = "bias" if path[-1] == "bias" else "weight"
+    return ".".join(parts + [leaf])
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] != "kernel":
+        return shape
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+
+
+def state_dict_template(params: Mapping) -> dict[str, tuple[int, ...]]:
+    """PyTorch key -> PyTorch shape for a Flax params tree of our modules (kernels HWIO -> OIHW,
+    [in, out] -> [out, in]). Two Flax leaves that would share a key are an error."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path, leaf in flatten(params).items():
+        key = path_to_torch_key(path)
+        if key in out:
+            raise CheckpointError(f"two parameters map to the PyTorch key {key} (one is {'/'.join(path)})")
+        out[key] = _torch_shape(path, tuple(leaf.shape))
+    return out
+
+
+def _torch_leaf(leaves: Mapping, key: str) -> tuple[tuple[str, ...], np.ndarray] | None:
+    """(Flax path, value in PyTorch layout) for one PyTorch key, or None if no Flax leaf matches."""
+    parts = torch_key_to_path(key)
+    module, leaf = parts[:-1], parts[-1]
+    names = ("bias",) if leaf == "bias" else ("kernel", "scale", "embedding") if leaf == "weight" else ()
+    for name in names:
+        path = module + (name,)
+        if path in leaves:
+            v = np.asarray(leaves[path])
+            if name == "kernel":
+                v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
+            return path, v
+    return None
+
+
+def params_to_state_dict(params: Mapping, template: Mapping[str, tuple[int, ...]], *,
+                         component: str = "model") -> dict[str, np.ndarray]:
+    """Inverse of `convert_state_dict`: `template` maps each PyTorch key to its PyTorch shape.
+
+    Every shape is checked, as on the way in: a key with no Flax parameter, a converted tensor of
+    another shape (a Dense kernel may fill a 1x1 conv weight [out, in, 1, 1]) and a Flax parameter
+    that no key takes are a `CheckpointError` naming the first few. Used to write checkpoints that
+    PyTorch diffusers can load (the bundled demo model) and by round-trip tests.
     """
     leaves = flatten(params)
-    out = {}
-    for key in template:
-        parts = torch_key_to_path(key)
-        module, leaf = parts[:-1], parts[-1]
-        if leaf == "bias":
-            out[key] = np.asarray(leaves[module + ("bias",)])
+    out, used = {}, set()
+    missing, mismatched = [], []
+    for key, want in template.items():
+        hit = _torch_leaf(leaves, key)
+        if hit is None:
+            missing.append(key)
             continue
-        for name in ("kernel", "scale", "embedding"):
-            if module + (name,) in leaves:
-                v = np.asarray(leaves[module + (name,)])
-                if name == "kernel":
-                    v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
-                out[key] = v.reshape(template[key])
-                break
-        else:
-            raise KeyError(f"no Flax parameter for {key}")
+        path, value = hit
+        want = tuple(want)
+        if value.shape != want and not (value.ndim == 2 and want == (*value.shape, 1, 1)):
+            mismatched.append(f"{'/'.join(path)} gives {value.shape}, expected {want} for {key}")
+            continue
+        out[key] = value.reshape(want)
+        used.add(path)
+    unused = [p for p in leaves if p not in used]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} mis-shaped tensor(s): " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(f"{len(missing)} key(s) with no Flax parameter: " + ", ".join(missing[:3]))
+    if unused:
+        problems.append(f"{len(unused)} Flax parameter(s) no key takes: " + ", ".join("/".join(p) for p in unused[:3]))
+    if problems:
+        raise CheckpointError(f"{component} params do not match the PyTorch template: " + " | ".join(problems))
     return out
+
+
+def to_state_dict(params: Mapping, prefix: str = "", dtype=np.float32, *,
+                  component: str = "model") -> dict[str, np.ndarray]:
+    """A Flax params tree of our modules as a PyTorch state dict (contiguous `dtype` arrays, keys
+    prefixed with `prefix`, e.g. "text_model." for transformers' CLIPTextModel)."""
+    state = params_to_state_dict(params, state_dict_template(params), component=component)
+    return {prefix + k: np.ascontiguousarray(v, dtype) for k, v in state.items()}

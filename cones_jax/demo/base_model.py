@@ -1,15 +1,21 @@
 """The demo base model: a small Stable Diffusion of the shapes world, trained from scratch here.
 
 Same module classes as Stable Diffusion (CLIP text tower, AutoencoderKL, UNet2DConditionModel) with
-small configs, so every Cones code path (residuals, layout bias, concept neurons) runs on it
-unchanged, and it is written in diffusers layout with PyTorch key names.
+small configs (`VAE`, `UNET`, `text_config`, `SCHEDULER`), so every Cones code path (residuals, layout
+bias, concept neurons) runs on it unchanged. This module holds the recipe, its losses, the export
+and the command line; the Flax -> PyTorch weight conversion is `cones_jax.convert.to_state_dict`.
 
 Training has three stages, each resumable from `workdir`:
   1. render a fixed set of captioned scenes (`world.py`);
-  2. train the VAE (64 px images -> 32x32x4 latents) and cache the latent Gaussians of every scene;
+  2. train the VAE on 32 px crops (64 px images -> 32x32x4 latents) and cache the latent Gaussians
+     of every scene;
   3. train the UNet and the text encoder together on the cached latents: v-prediction on a cosine
-     schedule, min-SNR-5 loss weights, 10% empty captions for classifier-free guidance, EMA weights.
-`export` writes the EMA weights as a diffusers folder.
+     schedule, clipped-v loss weights (`--weighting min_snr` for min-SNR-5), captions with word
+     drop-out, 10% empty for classifier-free guidance, EMA weights. Options draw more high-noise
+     timesteps (`--timestep-power`), add single-object batches (`--single-object-fraction`) and a
+     token grounding loss (`--grounding-weight`); `--init-from` continues from an exported folder.
+`export` writes the EMA weights as a diffusers folder that PyTorch diffusers loads, with a record of
+the UNet steps they have had.
 
     python -m cones_jax.demo.base_model --workdir /tmp/demo_run --out examples/demo_model
 """
@@ -31,7 +37,7 @@ from cones_jax import convert, training
 from cones_jax.demo import world
 from cones_jax.fileio import atomic_output, load_safetensors, save_safetensors
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
-from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
+from cones_jax.models.unet import UNet2DConditionModel, UNetConfig, cross_attention_resolutions
 from cones_jax.models.vae import AutoencoderKL, VAEConfig
 from cones_jax.residual import TI_TEMPLATES
 from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
@@ -246,15 +252,9 @@ GROUNDED_WORDS = tuple(world.SHAPES) + tuple(world.COLOURS) + tuple(p for p in w
 
 
 def cross_attention_sides(unet: UNet2DConditionModel) -> tuple[int, ...]:
-    """The grid sides (h = w) of the UNet's cross-attention layers at its sample size, from `jax.eval_shape`."""
-    cfg = unet.config
-    args = (jax.ShapeDtypeStruct((1, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.float32),
-            jax.ShapeDtypeStruct((1, MAX_LENGTH, cfg.cross_attention_dim), jnp.float32))
-    shapes = jax.eval_shape(lambda *a: unet.init_with_output(jax.random.PRNGKey(0), *a, sow_attention=True,
-                                                             mutable=["params", "intermediates"])[1], *args)
-    return tuple(sorted({int(round(np.sqrt(x.shape[1]))) for x in jax.tree.leaves(shapes["intermediates"])},
-                        reverse=True))
+    """The grid sides (h = w) of the UNet's cross-attention layers at its sample size, finest first."""
+    side = unet.config.sample_size
+    return tuple(h for h, _ in cross_attention_resolutions(unet.config, (side, side)))
 
 
 def grounded_word_ids(tok) -> dict[int, str]:
@@ -344,33 +344,6 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
 # Export
 # --------------------------------------------------------------------------------------------
 
-_NOT_LISTS = ("linear_1", "linear_2")  # TimestepEmbedding's own names, not list entries
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """Flax path -> PyTorch key (inverse of `convert.torch_key_to_path`)."""
-    import re
-
-    parts = [p if p in _NOT_LISTS else re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
-    leaf = "bias" if path[-1] == "bias" else "weight"
-    return ".".join(parts + [leaf])
-
-
-def state_dict_template(params) -> dict[str, tuple[int, ...]]:
-    """PyTorch key -> PyTorch shape for a Flax params tree of our modules (kernels HWIO -> OIHW, [in, out] -> [out, in])."""
-    out = {}
-    for path, leaf in convert.flatten(params).items():
-        shape = tuple(leaf.shape)
-        if path[-1] == "kernel":
-            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        out[torch_key(path)] = shape
-    return out
-
-
-def to_state_dict(params, prefix: str = "") -> dict[str, np.ndarray]:
-    sd = convert.params_to_state_dict(params, state_dict_template(params))
-    return {prefix + k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
-
 
 def _write_json(path: str, obj: dict) -> None:
     with atomic_output(path, "w") as f:
@@ -393,13 +366,13 @@ def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: fl
     _write_json(os.path.join(out, "text_encoder", "config.json"),
                 dict(tcfg, architectures=["CLIPTextModel"], torch_dtype="float32"))
     save_safetensors(os.path.join(out, "text_encoder", "model.safetensors"),
-                     to_state_dict(text_params, "text_model."), {"format": "pt"})
+                     convert.to_state_dict(text_params, "text_model.", component="text_encoder"), {"format": "pt"})
     for name, cfg, params, cls in (("unet", UNET, unet_params, "UNet2DConditionModel"),
                                    ("vae", dict(VAE, scaling_factor=scaling_factor), vae_params, "AutoencoderKL")):
         os.makedirs(os.path.join(out, name), exist_ok=True)
         _write_json(os.path.join(out, name, "config.json"), dict(cfg, _class_name=cls))
-        save_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"), to_state_dict(params),
-                         {"format": "pt"})
+        save_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"),
+                         convert.to_state_dict(params, component=name), {"format": "pt"})
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), dict(SCHEDULER, _class_name="DDIMScheduler"))
     _write_json(os.path.join(out, "model_index.json"), {
@@ -509,7 +482,7 @@ def check_workdir_recipe(workdir: str) -> None:
         _write_json(path, want)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="data, checkpoints and caches (resumable)")
     p.add_argument("--out", default="examples/demo_model")
@@ -543,34 +516,17 @@ def main(argv=None) -> int:
         p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
     if args.grounding_weight < 0.0:
         p.error(f"--grounding-weight {args.grounding_weight} is negative; use 0 for no grounding loss")
-    os.makedirs(args.workdir, exist_ok=True)
-    from cones_jax.tokenizer import write_clip_tokenizer
+    return args
 
-    t_start = time.time()
-    tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
-    warm = warm_params = None
-    try:  # all checked before any work, and --init-from before the workdir records its sitting
-        if args.init_from:
-            from cones_jax.pipeline import load_pipeline
 
-            warm = load_pipeline(args.init_from)
-            warm_params = warm_start(param_shapes(tok.vocab_size), warm)
-        check_workdir_recipe(args.workdir)
-        prior = sitting_offset(args.workdir, args.init_from)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    inputs = init_inputs()
-    images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
-    scenes = [world.random_scene(i) for i in range(args.scenes)]
-    _log(f"{len(images)} scenes ready")
-
+def vae_stage(args: argparse.Namespace, images: np.ndarray, warm_params: dict | None) -> tuple[AutoencoderKL, dict]:
+    """Stage 2: the VAE and its params, trained (or kept from --init-from) once per workdir."""
     vae = vae_module()
     vae_path = os.path.join(args.workdir, "vae.safetensors")
-    if warm is not None and not os.path.exists(vae_path):
+    if warm_params is not None and not os.path.exists(vae_path):
         save_params(vae_path, warm_params["vae"])
     if not os.path.exists(vae_path):
-        params = init_params(vae, *inputs["vae"], seed=1)
+        params = init_params(vae, *init_inputs()["vae"], seed=1)
 
         def vae_batches(step):
             # 32 px crops: the VAE is fully convolutional, and a quarter of the pixels is a quarter of the cost.
@@ -582,9 +538,14 @@ def main(argv=None) -> int:
         state = train_stage("vae", args.workdir, lambda *a: vae_loss(vae, *a), params, vae_batches,
                             steps=args.vae_steps, lr=1e-3, batch=args.vae_batch, ema=False)
         save_params(vae_path, state["params"])
-    vae_params = convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
+    return vae, convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
 
-    lat_path = os.path.join(args.workdir, "latents.npz")
+
+def cached_latents(workdir: str, vae: AutoencoderKL, vae_params, images: np.ndarray,
+                   warm) -> tuple[np.ndarray, np.ndarray, float]:
+    """Stage 2's cache: every scene's latent mean and std, and the scaling factor (--init-from's, or
+    1 / the std of the means)."""
+    lat_path = os.path.join(workdir, "latents.npz")
     if not os.path.exists(lat_path):
         mean, std = encode_dataset(vae, vae_params, images)
         scaling = (float(warm.vae.config.scaling_factor) if warm is not None
@@ -592,14 +553,19 @@ def main(argv=None) -> int:
         with atomic_output(lat_path) as f:
             np.savez(f, mean=mean, std=std, scaling=np.float32(scaling))
     lat = np.load(lat_path)
-    mean, std, scaling = lat["mean"], lat["std"], float(lat["scaling"])
-    _log(f"latents {mean.shape}, scaling factor {scaling:.4f}")
+    return lat["mean"], lat["std"], float(lat["scaling"])
 
+
+def unet_stage(args: argparse.Namespace, tok, scenes, latents: tuple[np.ndarray, np.ndarray, float],
+               warm_params: dict | None, prior: int) -> dict:
+    """Stage 3: the UNet and text encoder trained together; returns the final train state."""
+    mean, std, scaling = latents
     text, unet = models(tok.vocab_size)
-    if warm is not None:
+    if warm_params is not None:
         params = {"text_encoder": warm_params["text_encoder"], "unet": warm_params["unet"]}
         _log(f"UNet and text encoder start from {args.init_from}")
     else:
+        inputs = init_inputs()
         params = {"text_encoder": init_params(text, *inputs["text_encoder"], seed=2),
                   "unet": init_params(unet, *inputs["unet"], seed=3)}
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -621,14 +587,42 @@ def main(argv=None) -> int:
         return batch
 
     loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power, args.grounding_weight)
-    state = train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
-                        batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
+    return train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
+                       batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    from cones_jax.tokenizer import write_clip_tokenizer
+
+    t_start = time.time()
+    tok = write_clip_tokenizer(os.path.join(args.workdir, "tokenizer"), vocabulary(), max_length=MAX_LENGTH)
+    warm = warm_params = None
+    try:  # all checked before any work, and --init-from before the workdir records its sitting
+        if args.init_from:
+            from cones_jax.pipeline import load_pipeline
+
+            warm = load_pipeline(args.init_from)
+            warm_params = warm_start(param_shapes(tok.vocab_size), warm)
+        check_workdir_recipe(args.workdir)
+        prior = sitting_offset(args.workdir, args.init_from)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
+    scenes = [world.random_scene(i) for i in range(args.scenes)]
+    _log(f"{len(images)} scenes ready")
+
+    vae, vae_params = vae_stage(args, images, warm_params)
+    latents = cached_latents(args.workdir, vae, vae_params, images, warm)
+    _log(f"latents {latents[0].shape}, scaling factor {latents[2]:.4f}")
+    state = unet_stage(args, tok, scenes, latents, warm_params, prior)
     ema = jax.device_get(state["ema"])
     export(args.out, unet_params=ema["unet"], text_params=ema["text_encoder"], vae_params=vae_params,
-           scaling_factor=scaling, tokenizer_words=vocabulary(), unet_steps=prior + int(state["step"]))
+           scaling_factor=latents[2], tokenizer_words=vocabulary(), unet_steps=prior + int(state["step"]))
     _log(f"wrote {args.out} ({(time.time() - t_start) / 60:.1f} min in this run)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
