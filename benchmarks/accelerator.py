@@ -236,7 +236,7 @@ class Benchmark:
     def sampler(self, preset: str, resolution: int, batch: int, *, guided: bool = True) -> Sampler:
         """The preset's sampler at one size (layout-guided, or plain text-to-image), compiled, with its inputs."""
         sd, steps = self.sd, self.args.steps
-        cfg = load_config(preset, {"steps": steps})
+        cfg = dict(load_config(preset, {"steps": steps}))
         prep = gen.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
         schedule = gen.make_schedule(sd, cfg)
         cfg["_sigmas"] = gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"])

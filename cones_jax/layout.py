@@ -35,8 +35,8 @@ Our layout file (JSON; YAML too when PyYAML is importable)
 
 Per subject: ``word`` (required; a word or phrase of the prompt, matched by its tokens, so
 "teddy bear" covers both sub-words; every occurrence in the prompt is guided), ``strength`` (γ⁺,
-default 2.5), ``residual`` (optional path to the subject's residual embedding), and exactly one
-region:
+default: the preset's ``weight_positive``, 2.5 in both), ``residual`` (optional path to the
+subject's residual embedding), and exactly one region:
 
 - ``box``: ``[x0, y0, x1, y1]`` as FRACTIONS of the image width/height in [0, 1], origin top left,
   x to the right, y down; x1 > x0, y1 > y0. Pixel (row i, column j) is inside when
@@ -116,7 +116,7 @@ class LayoutWarning(UserWarning):
 @dataclasses.dataclass(frozen=True)
 class Subject:
     word: str
-    strength: float = DEFAULT_STRENGTH  # γ⁺
+    strength: float | None = None  # γ⁺; None: the preset's weight_positive (DEFAULT_STRENGTH without one)
     residual: str | None = None  # absolute path
     box: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1), fractions of the image
     mask_path: str | None = None  # absolute path
@@ -379,7 +379,7 @@ def _parse_subject(ctx: _Ctx, obj: Any, s: int, size: tuple[int, int] | None) ->
     word = _string(ctx, obj["word"], f"{field}.word")
     if not word.strip():
         raise ctx.err(f"{field}.word", f"{word!r} tokenises to nothing; give a word of the prompt")
-    strength = _number(ctx, obj.get("strength", DEFAULT_STRENGTH), f"{field}.strength")
+    strength = _number(ctx, obj["strength"], f"{field}.strength") if obj.get("strength") is not None else None
     residual = ctx.path(obj["residual"], f"{field}.residual") if obj.get("residual") is not None else None
     regions = [k for k in _REGION_KEYS if k in obj]
     if len(regions) != 1:
@@ -645,7 +645,8 @@ def gamma_maps(layout: Layout, masks: np.ndarray, weight_negative: float | None 
     masks = np.asarray(masks, bool)
     if masks.ndim != 3 or masks.shape[0] != len(layout.subjects):
         raise LayoutError(f"gamma_maps: masks must be [S={len(layout.subjects)}, H, W], got {masks.shape}")
-    strength = np.asarray([sub.strength for sub in layout.subjects], np.float32)[:, None, None]
+    strength = np.asarray([DEFAULT_STRENGTH if sub.strength is None else sub.strength for sub in layout.subjects],
+                          np.float32)[:, None, None]
     return np.where(masks, strength, np.float32(weight_negative)).astype(np.float32)
 
 
