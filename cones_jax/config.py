@@ -273,7 +273,7 @@ def load_config(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
 def parse_override(text: str) -> tuple[str, object]:
     """`key=value` with a Python literal value (strings may be bare; `Config.override` checks types)."""
     if "=" not in text:
-        raise ValueError(f"--set {text!r}: expected key=value, e.g. --set steps=30")
+        raise ValueError(f"--set {text!r} must look like key=value, e.g. --set steps=30")
     key, raw = text.split("=", 1)
     try:
         value = ast.literal_eval(raw.strip())

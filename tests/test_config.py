@@ -63,7 +63,7 @@ def test_wrong_type_is_a_one_line_error_naming_key_type_and_fix(key, value, expe
 def test_parse_override_reads_literals_and_bare_strings():
     assert config.parse_overrides(["steps=30", "scheduler=ddim", "timestep_spacing=None", "steps=40"]) == {
         "steps": 40, "scheduler": "ddim", "timestep_spacing": None}
-    with pytest.raises(ValueError, match="expected key=value"):
+    with pytest.raises(ValueError, match="must look like key=value"):
         config.parse_override("steps")
 
 

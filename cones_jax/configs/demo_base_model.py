@@ -16,7 +16,11 @@ def get_config() -> DemoModelConfig:
         vae_steps=4000,
         vae_batch=32,
         vae_lr=1e-3,
-        kl_weight=1e-8,                # the VAE's KL term: latents nearly deterministic
+        # Against a per-pixel *mean* reconstruction loss (SD's autoencoder sums over pixels), 1e-6
+        # was ~1e4 times SD's KL pressure: the encoder then keeps a posterior noise that the decoder
+        # learns to ignore, and the UNet, trained on sampled latents, sees fine shape detail only
+        # through that noise.
+        kl_weight=1e-8,
         steps=30000,                   # UNet + text encoder steps
         batch=64,
         lr=3e-4,
