@@ -22,15 +22,12 @@ import importlib.util
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Self
 
 PRESETS = {"official": "cones2_official", "paper": "cones2_paper"}
 CONFIG_PACKAGE = "cones_jax.configs"
-
-C = TypeVar("C", bound="Config")
-
 
 @dataclasses.dataclass(frozen=True)
 class Config(Mapping):
@@ -41,7 +38,7 @@ class Config(Mapping):
             raise KeyError(key)
         return getattr(self, key)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._field_names())
 
     def __len__(self) -> int:
@@ -51,11 +48,11 @@ class Config(Mapping):
     def _field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def replace(self: C, **changes: Any) -> C:
+    def replace(self, **changes: Any) -> Self:
         """A copy with `changes`, each checked like an override."""
         return self.override(changes)
 
-    def override(self: C, overrides: Mapping[str, Any] | None, *, source: str = "--set") -> C:
+    def override(self, overrides: Mapping[str, Any] | None, *, source: str = "--set") -> Self:
         """A copy with `overrides` (key -> value); an unknown key or a value of the wrong type is a
         one-line `ValueError` naming the key, the expected type and how to write it."""
         if not overrides:
@@ -144,7 +141,7 @@ class SamplingConfig(Config):
 
     preset: str
     scheduler: str                     # ddim | euler | dpmpp_2m (schedulers.KINDS)
-    timestep_spacing: Optional[str]    # None: the model's own scheduler config
+    timestep_spacing: str | None       # None: the model's own scheduler config
     steps: int
     cfg_scale: float
     self_recurrence: bool              # redo each guided step after re-noising to its level
@@ -199,10 +196,10 @@ class NeuronsConfig(Config):
     rho: float
     steps: int
     batch: int
-    tau: Optional[float]
+    tau: float | None
     sparsity: float
     joint_tau: float
-    resolution: Optional[int]          # None: the model's native size
+    resolution: int | None             # None: the model's native size
     crop: Literal["random", "center"]
     seed: int
     checkpoint_every: int

@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cones_jax import config, layout as layout_lib
+from cones_jax import config
+from cones_jax import layout as layout_lib
 from cones_jax import sample as sample_cli
 from cones_jax import train as train_cli
 
