@@ -2,11 +2,13 @@
 (preset < layout file < flags), γ⁺ from the preset and per subject."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from cones_jax import config
+from cones_jax import generate as gen
 from cones_jax import layout as layout_lib
 from cones_jax import sample as sample_cli
 from cones_jax import train as train_cli
@@ -136,3 +138,27 @@ def test_demo_layout_names_resolve_to_bundled_files():
     assert bundled.resolve_layout("mine.json") == "mine.json"
     with pytest.raises(FileNotFoundError, match="demo:two_subjects"):
         bundled.resolve_layout("demo:nope")
+
+
+def test_generate_hands_the_resolved_values_to_the_sampler(tmp_path, monkeypatch):
+    """generate() follows the same precedence: a layout's weight_negative no longer beats --set,
+    and --set weight_positive reaches the subjects without a strength of their own."""
+    path = tmp_path / "lay.json"
+    path.write_text(json.dumps(LAYOUT))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(sd, lay, cfg, **kw):
+        seen.update(lay=lay, cfg=cfg)
+        raise Stop
+
+    monkeypatch.setattr(gen, "prepare_layout", capture)
+    with pytest.raises(Stop):
+        gen.generate(str(path), sd=object(), out_dir=str(tmp_path / "out"), steps=4, progress=False,
+                     overrides={"weight_negative": -7.0, "weight_positive": 3.0, "steps": 9})
+    lay, cfg = seen["lay"], seen["cfg"]
+    assert (cfg["weight_negative"], lay.weight_negative) == (-7.0, -7.0)
+    assert cfg["guidance_weight"] == 0.3 and cfg["steps"] == 4  # from the layout; the flag beats --set
+    assert [s.strength for s in lay.subjects] == [4.0, 3.0]
