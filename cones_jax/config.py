@@ -29,6 +29,7 @@ from typing import Any, Literal, Self
 PRESETS = {"official": "cones2_official", "paper": "cones2_paper"}
 CONFIG_PACKAGE = "cones_jax.configs"
 
+
 @dataclasses.dataclass(frozen=True)
 class Config(Mapping):
     """Base of the typed configs: frozen fields, read access as a mapping, checked overrides."""

@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("--neurons", metavar="DIR",
                    help="also compare identity by concept neurons (DIR/<subject>.cones) with the residuals")
     p.add_argument("--identity-only", action="store_true",
-                   help=f"only that comparison (with the shipped demo_world/neurons "
+                   help="only that comparison (with the shipped demo_world/neurons "
                         "unless --neurons says otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every preset (e.g. self_recurrence=False); "
