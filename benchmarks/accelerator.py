@@ -10,11 +10,11 @@ is the same where cones_jax is installed (`pip install -e .`). It measures on wh
 (one device), on random weights of one architecture (`--config`, default `sd21`: SD 2.1's UNet, VAE and
 OpenCLIP-H text tower, `cones_jax.bench`), UNet and VAE in `--dtype` (default bf16), text encoder fp32:
 
-  paper_b{B}      Cones 2 paper preset (configs/cones2_paper.py: DDIM, `--steps` 50, every step layout-guided)
+  paper_b{B}      Cones 2 paper preset (cones_jax/configs/cones2_paper.py: DDIM, `--steps` 50, every step layout-guided)
                   at `--resolution` 512 px for each batch B of `--batches` (1 8): seconds per image of the
                   whole jitted sampler (text encoding, loop, VAE decode) on a two-subject box layout, its inputs
                   built by generate.prepare_layout / build_inputs as sample.py builds them.
-  official        official preset (configs/cones2_official.py: Euler + self-recurrence, guidance_steps 50) at
+  official        official preset (cones_jax/configs/cones2_official.py: Euler + self-recurrence, guidance_steps 50) at
                   `--official-resolution` 768 px, batch 1, s/img.
   t2i_jax         plain text-to-image (DDIM, CFG 7.5, no guidance) at `--resolution`, batch 1: the paper preset's
                   sampler built without the layout bias (every attention takes the backend's fused kernel),
@@ -236,7 +236,7 @@ class Benchmark:
     def sampler(self, preset: str, resolution: int, batch: int, *, guided: bool = True) -> Sampler:
         """The preset's sampler at one size (layout-guided, or plain text-to-image), compiled, with its inputs."""
         sd, steps = self.sd, self.args.steps
-        cfg = load_config(preset, {"steps": steps})
+        cfg = dict(load_config(preset, {"steps": steps}))
         prep = gen.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
         schedule = gen.make_schedule(sd, cfg)
         cfg["_sigmas"] = gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"])

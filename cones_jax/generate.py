@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from cones_jax import artifacts, guidance, layout as layout_lib, sampling, schedulers
-from cones_jax.config import load_config
+from cones_jax.config import resolve_sampling
 from cones_jax.fileio import atomic_output
 from cones_jax.layout.draw import heatmap_overlay, image_grid, subject_heatmaps, to_uint8 as _to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
@@ -53,8 +53,9 @@ def default_model() -> str:
     model = os.environ.get(DEFAULT_MODEL_ENV)
     if model:
         return model
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    demo = os.path.join(here, "examples", "demo_model")
+    from cones_jax import bundled
+
+    demo = bundled.demo_model()
     if os.path.isfile(os.path.join(demo, "model_index.json")):
         return demo
     raise GenerateError("no --model given and no bundled demo model found; pass --model a local Stable "
@@ -237,22 +238,20 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
     """
     from cones_jax.pipeline import load_pipeline
 
+    # One precedence (config.resolve_sampling): preset < layout file < flags; the keyword
+    # arguments are flags like `overrides`, and win over them.
+    flags = dict(overrides or {}, **{k: v for k, v in (("steps", steps), ("scheduler", scheduler),
+                                                       ("cfg_scale", cfg_scale)) if v is not None})
     try:
-        cfg = load_config(preset, overrides)
+        cfg, _ = resolve_sampling(preset, None, flags)  # flags checked before any file is read
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    for key, value in (("steps", steps), ("scheduler", scheduler), ("cfg_scale", cfg_scale)):
-        if value is not None:
-            cfg[key] = value
     if cfg["scheduler"] not in schedulers.KINDS:
         raise GenerateError(f"--scheduler {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise GenerateError("--seeds must be a non-empty list of distinct integers")
-    lay = layout_lib.load_layout(layout_path)
-    for key in ("guidance_steps", "guidance_weight"):
-        if getattr(lay, key) is not None and not (overrides and key in overrides):
-            cfg[key] = getattr(lay, key)
+    cfg, lay = resolve_sampling(preset, layout_lib.load_layout(layout_path), flags)
     stem = os.path.splitext(os.path.basename(layout_path))[0]
     paths = output_paths(out_dir, stem, seeds, show_layout=show_layout, attention=attention_maps,
                          words=[s.word for s in lay.subjects])
@@ -266,7 +265,7 @@ def generate(layout_path: str, *, model: str | None = None, out_dir: str = "outp
         sd = load_pipeline(model or default_model(), dtype)
     prep = prepare_layout(sd, lay, cfg, negative_prompt=negative_prompt, allow_pickle=allow_pickle)
     schedule = make_schedule(sd, cfg)
-    cfg["_sigmas"] = guidance_sigmas(cfg, schedule, cfg["guidance_steps"])
+    cfg = dict(cfg, _sigmas=guidance_sigmas(cfg, schedule, cfg["guidance_steps"]))
 
     lat_shape = (prep.height // sd.latent_factor, prep.width // sd.latent_factor, sd.unet.config.in_channels)
     spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],

@@ -6,7 +6,7 @@
 Every text-encoder parameter is trained; the UNet and VAE are frozen and live outside the optimised
 pytree. Gradients reach the encoder through the UNet's cross-attention keys and values.
 
-Presets (configs/cones2_train_{official,paper}.py):
+Presets (cones_jax/configs/cones2_train_{official,paper}.py):
   official  instance prompt = the bare word; preservation at the start token (λ1, L2 norm) and the
             end + padding tokens (λ2, Frobenius norm) of that same prompt; Δ averaged over the 27
             textual-inversion templates.

@@ -100,7 +100,7 @@ def tiny(tmp_path_factory):
 
 
 def _inputs(sd, tmp_path, preset, seeds, **overrides):
-    cfg = load_config(preset, overrides)
+    cfg = dict(load_config(preset, overrides))
     prep = gen.prepare_layout(sd, parse_layout(LAYOUT, str(tmp_path)), cfg)
     sched = gen.make_schedule(sd, cfg)
     cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, cfg["guidance_steps"])

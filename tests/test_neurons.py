@@ -16,8 +16,8 @@ from cones_jax.convert import flatten, unflatten
 from cones_jax.fileio import load_safetensors, save_safetensors
 from tiny_checkpoints import make_sd
 
-import sample as sample_cli
-import train as train_cli
+from cones_jax import sample as sample_cli
+from cones_jax import train as train_cli
 
 RES = 32  # pixels; the tiny VAE halves it -> 16x16 latents
 

@@ -104,7 +104,7 @@ def test_official_preset_matches_reference(tmp_path):
         maps[h * h] = t
 
     # ---- ours
-    cfg = load_config("official", {"steps": STEPS, "guidance_steps": GUIDED, "guidance_weight": LAMBDA})
+    cfg = dict(load_config("official", {"steps": STEPS, "guidance_steps": GUIDED, "guidance_weight": LAMBDA}))
     prep = gen.prepare_layout(sd, parse_layout(layout, str(tmp_path)), cfg)
     sched = gen.make_schedule(sd, cfg)
     cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, GUIDED)

@@ -14,7 +14,7 @@ from PIL import Image
 from cones_jax import artifacts, residual, training
 from tiny_checkpoints import make_sd
 
-import train as train_cli
+from cones_jax import train as train_cli
 
 RES = 32      # pixels; the tiny VAE halves it -> 16x16 latents
 LR = 1e-3     # large, so that 30 steps move the tiny encoder (same value everywhere: one compiled step)

@@ -15,7 +15,7 @@ from cones_jax.layout import parse_layout
 from cones_jax.pipeline import load_pipeline
 from tiny_checkpoints import make_sd
 
-import sample as sample_cli
+from cones_jax import sample as sample_cli
 
 LAYOUT = {"prompt": "a dog and a cat on the beach", "size": [32, 32],
           "subjects": [{"word": "dog", "box": [0.0, 0.0, 0.5, 1.0]}, {"word": "cat", "box": [0.5, 0.0, 1.0, 1.0]}]}

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from cones_jax import convert, training
+from cones_jax.config import load_config, parse_overrides
 from cones_jax.demo import world
 from cones_jax.fileio import atomic_output, load_safetensors, save_safetensors
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
@@ -42,8 +43,10 @@ from cones_jax.models.vae import AutoencoderKL, VAEConfig
 from cones_jax.residual import TI_TEMPLATES
 from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
-MAX_LENGTH = 40
-TEXT_WIDTH = 96
+# The recipe: a typed config (cones_jax/configs/demo_base_model.py); the architecture follows.
+RECIPE = load_config("demo_base_model")
+MAX_LENGTH = RECIPE.max_length
+TEXT_WIDTH = RECIPE.text_width
 
 # Latents at 32² (f = 2): a small object (13-17 px) spans 7-8 latent pixels, so its shape is a spatial
 # layout the UNet denoises like any other. At f = 4 it spanned 3-4, and shape lived in sub-pixel latent
@@ -51,7 +54,7 @@ TEXT_WIDTH = 96
 VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, norm_num_groups=16,
            sample_size=world.IMAGE_SIZE, in_channels=3, out_channels=3, act_fn="silu")
-LATENT_FACTOR = 2
+LATENT_FACTOR = RECIPE.latent_factor
 # Convolutions only at 32², cross-attention at 16² and 8² (XLA:CPU is slow on attention above 16²).
 # 8 GroupNorm groups keep 4-16 channels per group; one channel per group is an instance norm that
 # wipes each channel's spatial statistics.
@@ -130,10 +133,8 @@ def vae_module() -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.from_dict(VAE))
 
 
-# Against a per-pixel *mean* reconstruction loss (SD's autoencoder sums over pixels), 1e-6 was ~1e4 times
-# SD's KL pressure: the encoder then keeps a posterior noise that the decoder learns to ignore, and the
-# UNet, trained on sampled latents, sees fine shape detail only through that noise.
-KL_WEIGHT = 1e-8
+KL_WEIGHT = RECIPE.kl_weight
+ARCHITECTURE_KEYS = ("max_length", "text_width", "latent_factor", "kl_weight")  # read at import, not per run
 
 
 def vae_loss(vae: AutoencoderKL, params, frozen, batch, rng):
@@ -486,22 +487,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="data, checkpoints and caches (resumable)")
     p.add_argument("--out", default="examples/demo_model")
-    p.add_argument("--scenes", type=int, default=40000)
-    p.add_argument("--vae-steps", type=int, default=4000)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--single-object-fraction", type=float, default=0.0, metavar="F",
+    # Each recipe flag is the same as --set of its key; defaults from RECIPE.
+    p.add_argument("--scenes", type=int)
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--vae-batch", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--single-object-fraction", type=float, metavar="F",
                    help="share of each UNet batch drawn from the single-object scenes alone, the rest from all scenes "
                         "(default 0: all from all scenes, of which 35%% hold one object); a one-object caption "
                         "binds its shape word to one shape without ambiguity")
-    p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS), default="clipped_v",
+    p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS),
                    help="per-timestep loss weight of the UNet stage")
-    p.add_argument("--timestep-power", type=float, default=0.0, metavar="K",
+    p.add_argument("--timestep-power", type=float, metavar="K",
                    help="draw UNet training timesteps with density proportional to (t/T)^K (default 0: uniform); "
                         "K > 0 trains more on the high-noise steps, where a sample's layout and shapes are decided")
-    p.add_argument("--grounding-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--grounding-weight", type=float, metavar="W",
                    help="add W times a token grounding loss (each shape, colour and pattern word's cross-attention "
                         "on its objects, from the renderer's masks; default 0: none)")
     p.add_argument("--init-from", metavar="DIR",
@@ -509,7 +511,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
     p.add_argument("--export-only", action="store_true",
                    help="write --out from the latest UNet checkpoint's EMA weights without training further")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the recipe (cones_jax/configs/demo_base_model.py), type-checked")
     args = p.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+        fixed = [k for k in overrides if k in ARCHITECTURE_KEYS]
+        if fixed:
+            raise ValueError(f"--set {fixed[0]}: fixed when this module is imported (the model's shapes); "
+                             "edit cones_jax/configs/demo_base_model.py instead")
+        recipe = RECIPE.override(overrides).override({k: v for k, v in vars(args).items()
+                                                      if k in RECIPE and v is not None})
+    except ValueError as e:
+        p.error(str(e))
+    vars(args).update({k: v for k, v in recipe.items() if k in vars(args)})
     if not 0.0 <= args.single_object_fraction <= 1.0:
         p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
     if args.timestep_power < 0.0:
@@ -536,7 +551,7 @@ def vae_stage(args: argparse.Namespace, images: np.ndarray, warm_params: dict | 
             return {"images": np.asarray(images[idx, y:y + world.IMAGE_SIZE // 2, x:x + world.IMAGE_SIZE // 2])}
 
         state = train_stage("vae", args.workdir, lambda *a: vae_loss(vae, *a), params, vae_batches,
-                            steps=args.vae_steps, lr=1e-3, batch=args.vae_batch, ema=False)
+                            steps=args.vae_steps, lr=recipe.vae_lr, batch=args.vae_batch, ema=False)
         save_params(vae_path, state["params"])
     return vae, convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
 

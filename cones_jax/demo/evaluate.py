@@ -24,12 +24,11 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from cones_jax import generate as gen, guidance, layout as layout_lib, sampling
+from cones_jax import bundled, generate as gen, guidance, layout as layout_lib, sampling
 from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, world
 
-HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMO_WORLD = os.path.join(HERE, "examples", "demo_world")
+DEMO_WORLD = bundled.demo_world()
 DEMO_RESIDUALS = os.path.join(DEMO_WORLD, "residuals")
 DEMO_NEURONS = os.path.join(DEMO_WORLD, "neurons")
 
@@ -225,10 +224,9 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
             continue  # no guidance is the same for every preset
         cfg = load_config(preset, overrides)
         if steps:
-            cfg["steps"] = steps
-            cfg["guidance_steps"] = min(cfg["guidance_steps"], steps)
+            cfg = cfg.replace(steps=steps, guidance_steps=min(cfg["guidance_steps"], steps))
         if not neg:
-            cfg["weight_negative"] = 0.0
+            cfg = cfg.replace(weight_negative=0.0)
         layouts = [layout_of(c, residuals=with_res, strength=pos * cfg["weight_positive"], residual_dir=residual_dir)
                    for c in cases]
         t0 = time.perf_counter()
@@ -414,7 +412,7 @@ def main(argv=None) -> int:
     from cones_jax.pipeline import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.path.join(HERE, "examples", "demo_model"))
+    p.add_argument("--model", default=bundled.demo_model())
     p.add_argument("--detector", default=os.path.join(DEMO_WORLD, "detector.safetensors"))
     p.add_argument("--residuals", default=DEMO_RESIDUALS)
     p.add_argument("--seeds", type=int, default=16)
@@ -425,7 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("--neurons", metavar="DIR",
                    help="also compare identity by concept neurons (DIR/<subject>.cones) with the residuals")
     p.add_argument("--identity-only", action="store_true",
-                   help=f"only that comparison (with the shipped {os.path.relpath(DEMO_NEURONS, HERE)} "
+                   help="only that comparison (with the shipped demo_world/neurons "
                         "unless --neurons says otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every preset (e.g. self_recurrence=False); "
@@ -444,7 +442,7 @@ def main(argv=None) -> int:
                    if not os.path.isfile(os.path.join(args.neurons, f))]
         if missing:
             p.error(f"--neurons {args.neurons} lacks {', '.join(missing)}; make them with python train.py neurons "
-                    f"(NAME.cones, --config configs/cones1_train_demo.py, identifier from evaluate.IDENTIFIERS) "
+                    f"(NAME.cones, --config cones1_train_demo, identifier from evaluate.IDENTIFIERS) "
                     f"and python train.py neurons-joint (A_B.cones, from A.cones and B.cones)")
     t0 = time.time()
     det = detect.load_detector(args.detector)

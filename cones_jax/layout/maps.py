@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from cones_jax.layout.images import read_color_map, read_mask, resize_nearest
-from cones_jax.layout.schema import Layout, LayoutError, LayoutWarning, field_error, is_number, short, where
+from cones_jax.layout.schema import DEFAULT_STRENGTH, Layout, LayoutError, LayoutWarning, field_error, is_number, short, where
 from cones_jax.models.unet import UNetConfig, cross_attention_resolutions
 
 
@@ -101,7 +101,8 @@ def gamma_maps(layout: Layout, masks: np.ndarray, weight_negative: float | None 
     masks = np.asarray(masks, bool)
     if masks.ndim != 3 or masks.shape[0] != len(layout.subjects):
         raise LayoutError(f"gamma_maps: masks must be [S={len(layout.subjects)}, H, W], got {masks.shape}")
-    strength = np.asarray([sub.strength for sub in layout.subjects], np.float32)[:, None, None]
+    strength = np.asarray([DEFAULT_STRENGTH if sub.strength is None else sub.strength
+                           for sub in layout.subjects], np.float32)[:, None, None]
     return np.where(masks, strength, np.float32(weight_negative)).astype(np.float32)
 
 

@@ -21,7 +21,8 @@ Our layout file (JSON; YAML too when PyYAML is importable)
 
 Per subject: ``word`` (required; a word or phrase of the prompt, matched by its tokens, so
 "teddy bear" covers both sub-words; every occurrence in the prompt is guided), ``strength`` (γ⁺,
-default 2.5), ``residual`` (optional path to the subject's residual embedding), and exactly one
+default: the preset's ``weight_positive``, 2.5 in both), ``residual`` (optional path to the
+subject's residual embedding), and exactly one
 region:
 
 - ``box``: ``[x0, y0, x1, y1]`` as FRACTIONS of the image width/height in [0, 1], origin top left,
@@ -57,7 +58,7 @@ import numpy as np
 from cones_jax.layout.images import read_color_map, read_mask
 from cones_jax.layout.maps import subject_positions
 from cones_jax.layout.official import parse_official_entry
-from cones_jax.layout.schema import (DEFAULT_STRENGTH, FieldContext, Layout, LayoutError, LayoutWarning, Subject,
+from cones_jax.layout.schema import (FieldContext, Layout, LayoutError, LayoutWarning, Subject,
                                      check_keys, color_text, common_values, field_error, parse_color, read_box,
                                      read_number, read_string, short)
 
@@ -80,7 +81,7 @@ def _parse_subject(ctx: FieldContext, obj: Any, s: int, size: tuple[int, int] | 
     word = read_string(ctx, obj["word"], f"{field}.word")
     if not word.strip():
         raise ctx.err(f"{field}.word", f"{word!r} tokenises to nothing; give a word of the prompt")
-    strength = read_number(ctx, obj.get("strength", DEFAULT_STRENGTH), f"{field}.strength")
+    strength = read_number(ctx, obj["strength"], f"{field}.strength") if obj.get("strength") is not None else None
     residual = ctx.path(obj["residual"], f"{field}.residual") if obj.get("residual") is not None else None
     regions = [k for k in _REGION_KEYS if k in obj]
     if len(regions) != 1:

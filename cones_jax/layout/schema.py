@@ -30,7 +30,7 @@ class LayoutWarning(UserWarning):
 @dataclasses.dataclass(frozen=True)
 class Subject:
     word: str
-    strength: float = DEFAULT_STRENGTH  # γ⁺
+    strength: float | None = None  # γ⁺; None: the preset's weight_positive (DEFAULT_STRENGTH without one)
     residual: str | None = None  # absolute path
     box: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1), fractions of the image
     mask_path: str | None = None  # absolute path

@@ -1,19 +1,19 @@
 """Cones 2 residual training for the bundled demo model (64 px shapes world, 96-d text encoder).
 
     python train.py residual --images examples/demo_world/subjects/sunny --word star \
-        --out examples/demo_world/residuals/sunny.safetensors --config configs/cones2_train_demo.py
+        --out examples/demo_world/residuals/sunny.safetensors --config cones2_train_demo
 
 The official recipe (`cones2_train_official.py`) with what a model trained from scratch on 64 px
 images needs: its resolution, a batch of all four photos, and a learning rate for a text encoder
 of 3 layers rather than OpenCLIP's 23 (the official 5e-6 barely moves it in a few hundred steps).
 """
 
-from cones_jax.config import load_config
+from cones_jax.config import ResidualConfig
+from cones_jax.configs import cones2_train_official
 
 
-def get_config():
-    cfg = load_config("cones2_train_official")
-    cfg.update(
+def get_config() -> ResidualConfig:
+    return cones2_train_official.get_config().replace(
         resolution=64,
         batch=4,
         lr=1e-4,
@@ -21,4 +21,3 @@ def get_config():
         crop="center",          # the photos are 64 px already: nothing to crop
         checkpoint_every=200,
     )
-    return cfg

@@ -9,9 +9,11 @@ official PyTorch code takes about 20-30 min per subject on an A100; measure ours
 Expected result: a [n, 1024] Δ (n = sub-words of the word), a few KB.
 """
 
+from cones_jax.config import ResidualConfig
 
-def get_config():
-    return dict(
+
+def get_config() -> ResidualConfig:
+    return ResidualConfig(
         preset="official",
         instance_prompt="{}",         # the bare category word, e.g. "dog"
         reg="official",               # Eq. 3 on the instance prompt: start token + end/padding tokens

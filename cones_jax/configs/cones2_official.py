@@ -6,9 +6,11 @@ Released setting: SD 2.1 (768, v-prediction); the constants below are model-inde
 Costs two UNet batches per guided step (self-recurrence).
 """
 
+from cones_jax.config import SamplingConfig
 
-def get_config():
-    return dict(
+
+def get_config() -> SamplingConfig:
+    return SamplingConfig(
         preset="official",
         scheduler="euler",               # LMS of order 1 in σ-space, float timesteps
         timestep_spacing="linspace",     # what LMSDiscreteScheduler.from_config gave the official code

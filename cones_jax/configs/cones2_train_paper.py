@@ -12,9 +12,11 @@ sentences are generated from templates × scenes × attributes (`residual.genera
 moves the subject token.
 """
 
+from cones_jax.config import ResidualConfig
 
-def get_config():
-    return dict(
+
+def get_config() -> ResidualConfig:
+    return ResidualConfig(
         preset="paper",
         instance_prompt="a photo of a {}",  # D_s = {(x, "a photo of s")}
         reg="paper",                  # Eq. 3: Σ_{p≠s} ‖E′(c)_p − E(c)_p‖² over sentences c containing the word

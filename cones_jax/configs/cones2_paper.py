@@ -6,9 +6,11 @@ Paper setting: SD 2.1-base, 50 DDIM steps, CFG 7.5, every step guided, γ⁺ = 2
 appendix's printed γ⁻ = −1×10⁻⁵. λ is not given in the paper: the official example's 0.08.
 """
 
+from cones_jax.config import SamplingConfig
 
-def get_config():
-    return dict(
+
+def get_config() -> SamplingConfig:
+    return SamplingConfig(
         preset="paper",
         scheduler="ddim",
         timestep_spacing=None,           # the model's own scheduler config

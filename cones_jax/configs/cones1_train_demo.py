@@ -1,7 +1,7 @@
 """Cones (concept neurons) search for the bundled demo model (64 px shapes world).
 
     python train.py neurons --images examples/demo_world/subjects/sunny --class star --identifier sks \
-        --out examples/demo_world/neurons/sunny.cones --config configs/cones1_train_demo.py
+        --out examples/demo_world/neurons/sunny.cones --config cones1_train_demo
 
 The paper's setting (`cones1_train.py`) with two changes for a model trained only on the shapes
 world's captions:
@@ -14,10 +14,10 @@ world's captions:
   0.5-0.7% single subjects gained colour but pairs lost shapes (BENCHMARKS.md, sparsity).
 """
 
-from cones_jax.config import load_config
+from cones_jax.config import NeuronsConfig
+from cones_jax.configs import cones1_train
 
 
-def get_config():
-    cfg = load_config("cones1_train")
-    cfg.update(sparsity=3e-3, instance_prompt="a {identifier} {cls}", class_prompt="a {cls}")
-    return cfg
+def get_config() -> NeuronsConfig:
+    return cones1_train.get_config().replace(sparsity=3e-3, instance_prompt="a {identifier} {cls}",
+                                             class_prompt="a {cls}")

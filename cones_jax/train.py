@@ -1,0 +1,169 @@
+"""Training: register a subject as a Cones 2 residual token embedding or as Cones concept neurons;
+the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train`.
+
+    python train.py residual --model /models/sd21 --images photos/dog --word dog --out dog.safetensors
+    python train.py residual --word dog --out dog.safetensors --import-official residual.pt --allow-pickle
+    python train.py neurons --model /models/sd15 --images photos/dog --class dog --out dog.cones
+    python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
+        --images photos/dog photos/cat --out dog_cat.cones
+
+Config values: the preset (or `--config NAME|FILE.py`) < flags. `--set key=value` overrides any key
+of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
+a `--set` of the same key.
+
+Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _residual_parser(sub) -> None:
+    p = sub.add_parser("residual", help="Cones 2: fine-tune the text encoder on a subject and keep Δ",
+                       description="Cones 2 residual token embedding (Sec. 3.2, Eqs. 2-5).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--images", help="folder of subject photos (3-5)")
+    p.add_argument("--word", required=True, help="the subject's category word, e.g. dog")
+    p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
+    p.add_argument("--preset", default="official", choices=["official", "paper"])
+    p.add_argument("--config", help="a training config instead of the preset's: a preset name of cones_jax/configs "
+                                    "(e.g. cones2_train_demo) or a .py file with get_config()")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-dir", help="orbax checkpoints of the trained encoder + optimiser state")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="frozen UNet/VAE params and compute (the trained encoder stays fp32)")
+    p.add_argument("--remat", action="store_true", help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
+    p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--import-official", metavar="PT", help="convert an official Cones-V2 residual.pt instead")
+    p.add_argument("--allow-pickle", action="store_true", help="allow unpickling --import-official (trusted files)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+
+
+def _neurons_parser(sub) -> None:
+    p = sub.add_parser("neurons", help="Cones: find the concept neurons of a subject (a sparse index set)",
+                       description="Cones concept neurons (Sec. 3, Algorithm A2).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--images", required=True, help="folder of subject photos")
+    p.add_argument("--class", dest="class_word", required=True, help="the subject's class word, e.g. dog")
+    p.add_argument("--out", required=True, help="concept-neuron file to write (.cones)")
+    p.add_argument("--identifier", help="rare token V* of the prompt 'photo of a V* dog' (default: sks)")
+    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; cones1_train_demo for the "
+                                    "demo model) or a .py file with get_config()")
+    p.add_argument("--steps", type=int, help="K, steps of gradient descent on ξ")
+    p.add_argument("--rho", type=float, help="learning rate ρ of that descent")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="shut the weights with M_p = (1 - ξ)/ρ > τ")
+    sel.add_argument("--sparsity", type=float, help="or shut this fraction of the searched weights")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--class-images", help="folder of class images, filled up by the base model if short "
+                                          "(default: a per-user cache keyed by the base model, $CONES_JAX_CACHE)")
+    p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+
+
+def _joint_parser(sub) -> None:
+    p = sub.add_parser("neurons-joint", help="Cones Sec. 3.3: fine-tune the union of several subjects' neurons",
+                       description="Re-run the concept-neuron search with the summed loss of all subjects, "
+                                   "restricted to the union of their neurons (Cones, Sec. 3.3).")
+    p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
+                                   "or $CONES_JAX_MODEL)")
+    p.add_argument("--neurons", nargs="+", required=True, help="the subjects' .cones files (from train.py neurons)")
+    p.add_argument("--images", nargs="+", required=True, help="each subject's photo folder, in the same order")
+    p.add_argument("--class-images", nargs="+", help="each subject's class-image folder, in the same order")
+    p.add_argument("--out", required=True, help="concept-neuron file to write (.cones), holding all subjects")
+    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; cones1_train_demo for the "
+                                    "demo model) or a .py file with get_config()")
+    p.add_argument("--steps", type=int, help="steps of gradient descent on ξ")
+    p.add_argument("--rho", type=float)
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--tau", type=float, help="keep the union's neurons with joint M_p > τ (default: joint_tau)")
+    sel.add_argument("--keep", type=float, help="or keep this fraction of the union, by joint score")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _residual_parser(sub)
+    _neurons_parser(sub)
+    _joint_parser(sub)
+    return p.parse_args(argv)
+
+
+def run_residual(args: argparse.Namespace) -> None:
+    from cones_jax.config import parse_overrides
+    from cones_jax.generate import default_model
+    from cones_jax.residual import ResidualError, import_official, train_residual
+
+    model = args.model or default_model()
+    if args.import_official:
+        res = import_official(args.import_official, args.word, args.out, model_dir=model,
+                              allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+        print(f"wrote {args.out} ({res.delta.shape[0]} × {res.dim}, imported)")
+        return
+    if not args.images:
+        raise ResidualError("--images is required (a folder of subject photos)")
+    train_residual(model, args.images, args.word, args.out, preset=args.preset, config=args.config,
+                   steps=args.steps, batch=args.batch, lr=args.lr, resolution=args.resolution, seed=args.seed,
+                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   dtype=args.dtype, remat=args.remat, sentences=args.sentences, overwrite=args.overwrite,
+                   distributed=args.distributed, progress=not args.no_progress,
+                   overrides=parse_overrides(args.set))
+
+
+def run_neurons(args: argparse.Namespace) -> None:
+    from cones_jax.config import parse_overrides
+    from cones_jax.generate import default_model
+    from cones_jax.neurons import train_neurons
+
+    train_neurons(args.model or default_model(), args.images, args.class_word, args.out, identifier=args.identifier,
+                  config=args.config, steps=args.steps, rho=args.rho, tau=args.tau, sparsity=args.sparsity,
+                  batch=args.batch, class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, dtype=args.dtype,
+                  overwrite=args.overwrite, progress=not args.no_progress,
+                  overrides=parse_overrides(args.set))
+
+
+def run_joint(args: argparse.Namespace) -> None:
+    from cones_jax.config import parse_overrides
+    from cones_jax.generate import default_model
+    from cones_jax.neurons import finetune_union
+
+    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, config=args.config,
+                   steps=args.steps, rho=args.rho, tau=args.tau, keep=args.keep, batch=args.batch,
+                   class_dirs=args.class_images, dtype=args.dtype, overwrite=args.overwrite,
+                   progress=not args.no_progress, overrides=parse_overrides(args.set))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from cones_jax.cli import run_cli
+
+    commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
+    return run_cli(lambda: commands[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
