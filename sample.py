@@ -37,20 +37,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def options(args):
+    """The parsed flags as `GenerateOptions`; --steps, --scheduler and --cfg are sugar for --set keys."""
+    from cones_jax.config import parse_override
+    from cones_jax.generate import GenerateOptions
+
+    flags = {"steps": args.steps, "scheduler": args.scheduler, "cfg_scale": args.cfg}
+    overrides = {**dict(parse_override(s) for s in args.set), **{k: v for k, v in flags.items() if v is not None}}
+    return GenerateOptions(
+        model=args.model, out_dir=args.out, seeds=tuple(args.seeds), preset=args.preset, overrides=overrides,
+        dtype=args.dtype, batch=args.batch, guided=not args.no_guidance, negative_prompt=args.negative_prompt,
+        neurons=tuple(args.neurons), allow_pickle=args.allow_pickle, show_layout=args.show_layout,
+        attention_maps=args.attention_maps, overwrite=args.overwrite)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from cones_jax.cli import run_cli
-    from cones_jax.config import parse_override
     from cones_jax.generate import generate
 
     def job():
-        overrides = dict(parse_override(s) for s in args.set)
-        paths = generate(args.layout, model=args.model, out_dir=args.out, seeds=args.seeds, preset=args.preset,
-                         steps=args.steps, scheduler=args.scheduler, cfg_scale=args.cfg,
-                         negative_prompt=args.negative_prompt, dtype=args.dtype, batch=args.batch,
-                         guided=not args.no_guidance, show_layout=args.show_layout,
-                         attention_maps=args.attention_maps, overwrite=args.overwrite,
-                         allow_pickle=args.allow_pickle, neurons=args.neurons, overrides=overrides)
+        paths = generate(args.layout, options(args))
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
     return run_cli(job)

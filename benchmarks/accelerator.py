@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 try:
-    from cones_jax import bench, generate as gen, guidance, layout as layout_lib, sampling  # noqa: E402
+    from cones_jax import bench, layout as layout_lib, sampler as sampler_lib, sampling  # noqa: E402
 except ModuleNotFoundError as e:
     if e.name != "cones_jax":
         raise
@@ -237,16 +237,10 @@ class Benchmark:
         """The preset's sampler at one size (layout-guided, or plain text-to-image), compiled, with its inputs."""
         sd, steps = self.sd, self.args.steps
         cfg = load_config(preset, {"steps": steps})
-        prep = gen.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
-        schedule = gen.make_schedule(sd, cfg)
-        cfg["_sigmas"] = gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"])
-        seeds = list(range(batch))
-        lat = (resolution // sd.latent_factor, resolution // sd.latent_factor, sd.unet.config.in_channels)
-        noise = np.stack([gen.initial_noise(s, lat) for s in seeds])
-        inputs = gen.build_inputs(sd, [prep] * batch, noise, cfg, seeds, guided=guided)
-        spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=steps,
-                                    self_recurrence=bool(cfg["self_recurrence"]) and guided)
-        fn = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
+        core = sampler_lib.LayoutSampler(sd, cfg, guided=guided)
+        prep = sampler_lib.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
+        schedule, inputs = core.schedule, core.inputs([prep] * batch, list(range(batch)))
+        fn = sampling.make_sampler(sd, core.spec, core.bias_fn)
         t0 = time.perf_counter()
         compiled = fn.lower(sd.params, schedule, inputs).compile()
         return Sampler(compiled, sd.params, schedule, inputs, cfg, time.perf_counter() - t0)
