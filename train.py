@@ -141,12 +141,14 @@ def run_neurons(args) -> None:
 def run_joint(args) -> None:
     from cones_jax.config import parse_override
     from cones_jax.generate import default_model
-    from cones_jax.neurons import finetune_union
+    from cones_jax.neurons import JointOptions, finetune_union
 
-    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, config=args.config,
-                   steps=args.steps, rho=args.rho, tau=args.tau, keep=args.keep, batch=args.batch,
-                   class_dirs=args.class_images, dtype=args.dtype, overwrite=args.overwrite,
-                   progress=not args.no_progress, overrides=dict(parse_override(s) for s in args.set))
+    flags = {"steps": args.steps, "rho": args.rho, "batch": args.batch}
+    overrides = {**dict(parse_override(s) for s in args.set), **{k: v for k, v in flags.items() if v is not None}}
+    options = JointOptions(config=args.config, overrides=overrides, tau=args.tau, keep=args.keep,
+                           class_dirs=tuple(args.class_images or ()), dtype=args.dtype, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, options)
 
 
 def main(argv=None) -> int:

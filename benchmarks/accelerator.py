@@ -13,7 +13,7 @@ OpenCLIP-H text tower, `cones_jax.bench`), UNet and VAE in `--dtype` (default bf
   paper_b{B}      Cones 2 paper preset (configs/cones2_paper.py: DDIM, `--steps` 50, every step layout-guided)
                   at `--resolution` 512 px for each batch B of `--batches` (1 8): seconds per image of the
                   whole jitted sampler (text encoding, loop, VAE decode) on a two-subject box layout, its inputs
-                  built by generate.prepare_layout / build_inputs as sample.py builds them.
+                  built by the sampler core (sampler.LayoutSampler) as sample.py builds them.
   official        official preset (configs/cones2_official.py: Euler + self-recurrence, guidance_steps 50) at
                   `--official-resolution` 768 px, batch 1, s/img.
   t2i_jax         plain text-to-image (DDIM, CFG 7.5, no guidance) at `--resolution`, batch 1: the paper preset's

@@ -661,12 +661,24 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
     return cn
 
 
-def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str, *,
-                   config: str | None = None, steps: int | None = None, rho: float | None = None,
-                   tau: float | None = None, keep: float | None = None, batch: int | None = None,
-                   class_dirs: Sequence[str] | None = None, dtype: str = "fp32", overwrite: bool = False,
-                   progress: bool = True, overrides: dict | None = None, history: list | None = None,
-                   log: Callable[[str], None] | None = None) -> ConceptNeurons:
+@dataclasses.dataclass(frozen=True)
+class JointOptions:
+    """How `finetune_union` runs (the flags of `train.py neurons-joint`); `overrides` as in
+    `SearchOptions`. Give `tau` or `keep`, not both."""
+
+    config: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tau: float | None = None
+    keep: float | None = None  # keep this top fraction of the union by joint score
+    class_dirs: Sequence[str] = ()  # one per subject; default the per-user cache
+    dtype: str = "fp32"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str,
+                   options: JointOptions | None = None, *, history: list | None = None,
+                   log: Callable[[str], None] | None = None, **fields) -> ConceptNeurons:
     """Cones, Sec. 3.3: re-runs the search on ξ with the summed loss of all subjects, updating ξ only at
     the union of their concept neurons (an optax mask), and keeps the union's neurons whose joint score
     M_p exceeds τ (default `joint_tau`: those whose shutting lowers the summed loss to first order), or
@@ -674,8 +686,10 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     from its .cones file; writes `out` atomically."""
     from cones_jax.pipeline import load_pipeline
 
+    opts = dataclasses.replace(options or JointOptions(), **fields)
+    tau, keep, class_dirs = opts.tau, opts.keep, list(opts.class_dirs)
     log = log or (lambda s: print(s, file=sys.stderr))
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
     if len(neuron_paths) < 2:
         raise NeuronsError("--neurons needs the files of at least two subjects")
     if len(images_dirs) != len(neuron_paths):
@@ -687,10 +701,10 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
         raise NeuronsError("give --tau or --keep, not both")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise NeuronsError(f"--keep must be in (0, 1], got {keep}")
-    cfg = load_train_config(config, dict(overrides or {}, steps=steps, rho=rho, batch=batch))
+    cfg = load_train_config(opts.config, opts.overrides)
     if tau is None and keep is None:
         tau = cfg["joint_tau"]
-    sd = load_pipeline(model_dir, dtype=dtype)
+    sd = load_pipeline(model_dir, dtype=opts.dtype)
     sets = load_for_model(neuron_paths, sd.params["unet"], fingerprint=sd.unet_fingerprint)
     setups = []
     for k, (cn, images) in enumerate(zip(sets, images_dirs)):
@@ -707,7 +721,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
                            "use the config the files were made with (--config)")
     searched = {k: joint.shapes[k] for k in joint.paths}
     allowed = only_at(shut, searched)
-    scores, hist = search(joint, steps=cfg["steps"], progress=progress, allowed=allowed, log=log)
+    scores, hist = search(joint, steps=cfg["steps"], progress=opts.progress, allowed=allowed, log=log)
     if history is not None:
         history.extend(hist)
     in_union = {k: v.ravel()[shut[k]] if k in shut else np.zeros(0, v.dtype) for k, v in scores.items()}
@@ -722,7 +736,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
                         tuple(c.identifiers[0] for c in sets), tuple(c.classes[0] for c in sets), joint.fingerprint,
                         {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"],
                          "joint_of": ",".join(os.path.basename(p) for p in neuron_paths)}, out)
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
     save_neurons(out, cn)
     log(f"wrote {out}: {cn.count} of the union's {sum(len(v) for v in shut.values())} concept neurons kept "
         f"after {cfg['steps']} joint steps, {os.path.getsize(out) / 1024:.1f} KiB")

@@ -84,8 +84,8 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
 
     `sd` is a `cones_jax.pipeline.StableDiffusion`; `params` its params dict. With `debug`, the
     function is not jitted and the step loop is a Python loop. `on_step(i)` is called on the host
-    after every step; the host callback this compiles in keeps JAX from writing the sampler to the
-    persistent compilation cache, so none is compiled in without it.
+    after every step (a host callback, which keeps JAX from caching the sampler on disk: none
+    without it).
     """
     unet, vae, text = sd.unet, sd.vae, sd.text_encoder
 
@@ -156,15 +156,15 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
             return out, jax.tree_util.tree_map(lambda m: cfg_halves(m)[1], maps)
         return out
 
-    if debug:
-        def loop(lo, hi, body, carry):
-            for i in range(lo, int(hi)):
-                carry = body(i, carry)
-            return carry
-        return sample
+    loop = python_loop if debug else jax.lax.fori_loop
+    return sample if debug else jax.jit(sample)
 
-    loop = jax.lax.fori_loop
-    return jax.jit(sample)
+
+def python_loop(lo: int, hi, body: Callable, carry):
+    """`lax.fori_loop` as a Python loop (the sampler's eager debug path)."""
+    for i in range(lo, int(hi)):
+        carry = body(i, carry)
+    return carry
 
 
 class CompiledSampler(NamedTuple):
