@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cones_jax import layout as layout_lib, neurons as neurons_lib
+from cones_jax import layout as layout_lib
 from cones_jax.config import load_config
 from cones_jax.fileio import atomic_output
 from cones_jax.sampler import GenerateError, LayoutSampler
@@ -177,7 +177,9 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=Non
     prepared = core.prepare(lay)  # a bad layout or residual fails here, before any compile
     params = None
     if opts.neurons:
-        params, shut = neurons_lib.params_with_neurons(sd, opts.neurons)
+        from cones_jax.neurons import params_with_neurons  # optax and the search: only when asked
+
+        params, shut = params_with_neurons(sd, opts.neurons)
         log(f"shut {shut} concept neurons from {len(opts.neurons)} file(s)")
     drawn = draw_with_progress(core, prepared, seeds, params, opts.progress)
     log(f"{drawn.compiled.describe()} ({cfg['scheduler']}, {cfg['steps']} steps, batch {drawn.batch} over "

@@ -3,6 +3,7 @@ determinism, sharding over 8 fake devices, and the official algorithm re-impleme
 
 import json
 import os
+from types import MappingProxyType
 
 import jax
 import numpy as np
@@ -152,7 +153,8 @@ def test_core_reuses_its_sampler_and_draws_what_the_sampler_draws(tiny, tmp_path
     """The core: a second layout at the same shapes reuses the compiled sampler, and its uint8
     images are the jitted sampler's on the same inputs, whatever the batch split over devices."""
     _, sd = tiny
-    core = LayoutSampler(sd, load_config("paper", {"steps": 2}), batch=4)
+    # a config is only read: a read-only mapping will do (typed configs keep `cfg[key]` access)
+    core = LayoutSampler(sd, MappingProxyType(load_config("paper", {"steps": 2})), batch=4)
     lay = parse_layout(LAYOUT, str(tmp_path))
     other = parse_layout(dict(LAYOUT, prompt="a cat and a dog on the beach"), str(tmp_path))
     first = core.draw([lay], [0, 1, 2])
