@@ -13,7 +13,7 @@ OpenCLIP-H text tower, `cones_jax.bench`), UNet and VAE in `--dtype` (default bf
   paper_b{B}      Cones 2 paper preset (cones_jax/configs/cones2_paper.py: DDIM, `--steps` 50, every step layout-guided)
                   at `--resolution` 512 px for each batch B of `--batches` (1 8): seconds per image of the
                   whole jitted sampler (text encoding, loop, VAE decode) on a two-subject box layout, its inputs
-                  built by generate.prepare_layout / build_inputs as sample.py builds them.
+                  built by the sampler core (sampler.LayoutSampler) as sample.py builds them.
   official        official preset (cones_jax/configs/cones2_official.py: Euler + self-recurrence, guidance_steps 50) at
                   `--official-resolution` 768 px, batch 1, s/img.
   t2i_jax         plain text-to-image (DDIM, CFG 7.5, no guidance) at `--resolution`, batch 1: the paper preset's
@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 try:
-    from cones_jax import bench, generate as gen, guidance, layout as layout_lib, sampling  # noqa: E402
+    from cones_jax import bench, layout as layout_lib, sampler as sampler_lib, sampling  # noqa: E402
 except ModuleNotFoundError as e:
     if e.name != "cones_jax":
         raise
@@ -236,17 +236,11 @@ class Benchmark:
     def sampler(self, preset: str, resolution: int, batch: int, *, guided: bool = True) -> Sampler:
         """The preset's sampler at one size (layout-guided, or plain text-to-image), compiled, with its inputs."""
         sd, steps = self.sd, self.args.steps
-        cfg = dict(load_config(preset, {"steps": steps}))
-        prep = gen.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
-        schedule = gen.make_schedule(sd, cfg)
-        cfg["_sigmas"] = gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"])
-        seeds = list(range(batch))
-        lat = (resolution // sd.latent_factor, resolution // sd.latent_factor, sd.unet.config.in_channels)
-        noise = np.stack([gen.initial_noise(s, lat) for s in seeds])
-        inputs = gen.build_inputs(sd, [prep] * batch, noise, cfg, seeds, guided=guided)
-        spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=steps,
-                                    self_recurrence=bool(cfg["self_recurrence"]) and guided)
-        fn = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
+        cfg = load_config(preset, {"steps": steps})
+        core = sampler_lib.LayoutSampler(sd, cfg, guided=guided)
+        prep = sampler_lib.prepare_layout(sd, self.layout, cfg, height=resolution, width=resolution)
+        schedule, inputs = core.schedule, core.inputs([prep] * batch, list(range(batch)))
+        fn = sampling.make_sampler(sd, core.spec, core.bias_fn)
         t0 = time.perf_counter()
         compiled = fn.lower(sd.params, schedule, inputs).compile()
         return Sampler(compiled, sd.params, schedule, inputs, cfg, time.perf_counter() - t0)

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cones_jax import generate as gen, guidance, sampling, schedulers  # noqa: E402
+from cones_jax import guidance, sampler as sampler_lib, sampling, schedulers  # noqa: E402
 from cones_jax.bench import UNET_CONFIGS, random_pipeline, timed_rounds  # noqa: E402
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None):
     ids = jnp.asarray(np.tile(np.arange(77, dtype=np.int32) % 500, (b, 1)))
     common = dict(prompt_ids=ids, negative_ids=ids, token_residuals=jnp.zeros((b, 77, sd.text_encoder.config.hidden_size)),
                   noise=jnp.asarray(rs.randn(b, lat, lat, 4), jnp.float32), cfg_scale=jnp.float32(7.5),
-                  renoise_keys=gen.renoise_keys(range(b)))
+                  renoise_keys=sampler_lib.renoise_keys(range(b)))
     variants = {
         "unguided (ddim)": ("ddim", False, sampling.SampleInputs(**common)),
         "guided, paper (ddim)": ("ddim", False, sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))),

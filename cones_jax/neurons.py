@@ -1,7 +1,8 @@
 """Cones (concept neurons, ICML 2023): find the few UNet weights whose shutting renders a subject.
 
     from cones_jax.neurons import train_neurons
-    cn = train_neurons("/models/sd15", "photos/my_dog", "dog", "dog.cones", steps=1000, sparsity=1e-3)
+    cn = train_neurons("/models/sd15", "photos/my_dog", "dog", "dog.cones", overrides={"steps": 1000},
+                       sparsity=1e-3)
 
 Algorithm A2 of the paper: every searched kernel θ (by default the `to_k`/`to_v` kernels of each
 cross-attention) is reparametrised as ξ⊙θ with ξ = 1; K steps of plain gradient descent on ξ with
@@ -26,7 +27,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +280,13 @@ def load_for_model(paths: Sequence[str], unet_params, *, fingerprint: str | None
     return [load_neurons(p, unet_fingerprint=fp, unet_shapes=shapes) for p in paths]
 
 
+def params_with_neurons(sd, paths: Sequence[str]) -> tuple[dict, int]:
+    """`sd.params` with the union of the concept neurons of the `.cones` files at `paths` shut in the
+    UNet (M⊙θ, once, outside the sampler; checked against `sd`'s UNet), and how many that shuts."""
+    sets = load_for_model(list(paths), sd.params["unet"], fingerprint=sd.unet_fingerprint)
+    return dict(sd.params, unet=apply_neurons(sd.params["unet"], sets)), sum(len(v) for v in union(sets).values())
+
+
 # --------------------------------------------------------------------------------------------
 # Setup and search
 # --------------------------------------------------------------------------------------------
@@ -325,8 +333,10 @@ class NeuronSetup:
 def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[str], None]) -> None:
     """Fills `folder` up to cfg["num_class_images"] images of the class prompt, made by the base model
     with our sampler (kept for later runs)."""
-    from cones_jax.generate import sample_prompts, save_png
     from PIL import Image
+
+    from cones_jax.fileio import atomic_output
+    from cones_jax.sampler import sample_prompts
 
     os.makedirs(folder, exist_ok=True)
     have = len(training.list_images(folder)) if os.listdir(folder) else 0
@@ -338,7 +348,8 @@ def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[
     seeds = list(range(10_000 + have, 10_000 + have + need))
     images = sample_prompts(sd, [prompt] * need, seeds, steps=cfg["class_steps"], cfg_scale=cfg["class_cfg"])
     for s, img in zip(seeds, images):
-        save_png(os.path.join(folder, f"class_{s:06d}.png"), Image.fromarray(img))
+        with atomic_output(os.path.join(folder, f"class_{s:06d}.png")) as f:
+            Image.fromarray(img).save(f, format="PNG")
 
 
 def default_class_dir(unet_fingerprint: str, cfg: dict, class_word: str) -> str:
@@ -435,37 +446,57 @@ def search(setup: NeuronSetup | JointSetup, *, steps: int, checkpointer: trainin
     return neuron_scores(jax.device_get(state["params"]["xi_offset"]), cfg["rho"]), history
 
 
-def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *, identifier: str | None = None,
-                  config: str | None = None, steps: int | None = None, rho: float | None = None,
-                  tau: float | None = None, sparsity: float | None = None, batch: int | None = None,
-                  class_dir: str | None = None, checkpoint_dir: str | None = None,
-                  checkpoint_every: int | None = None, resume: bool = False, dtype: str = "fp32",
-                  overwrite: bool = False, progress: bool = True, overrides: dict | None = None,
-                  history: list | None = None, log: Callable[[str], None] | None = None) -> ConceptNeurons:
-    """Finds a subject's concept neurons (Alg. A2) from the photos in `images_dir`; writes `out` atomically."""
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How `train_neurons` runs (the flags of `train.py neurons`).
+
+    `overrides` (config key -> value: steps, rho, batch, identifier, checkpoint_every, ...) go on
+    top of `config` (default cones1_train). Give `tau` or `sparsity`, not both; neither: the config's.
+    """
+
+    config: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tau: float | None = None
+    sparsity: float | None = None
+    class_dir: str | None = None  # class images; default a per-user cache keyed by model and prompt
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    dtype: str = "fp32"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, options: SearchOptions | None = None,
+                  *, history: list | None = None, log: Callable[[str], None] | None = None,
+                  **fields) -> ConceptNeurons:
+    """Finds a subject's concept neurons (Alg. A2) from the photos in `images_dir`; writes `out` atomically.
+
+    `fields` replace fields of `options`; `history` (a list) receives the per-step metrics.
+    """
+    opts = dataclasses.replace(options or SearchOptions(), **fields)
     log = log or (lambda s: print(s, file=sys.stderr))
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
+    tau, sparsity = opts.tau, opts.sparsity
     if tau is not None and sparsity is not None:
         raise NeuronsError("give --tau or --sparsity, not both")
-    cfg = load_train_config(config, dict(overrides or {}, steps=steps, rho=rho, batch=batch, identifier=identifier,
-                                         checkpoint_every=checkpoint_every))
+    cfg = load_train_config(opts.config, opts.overrides)
     if tau is None and sparsity is None:
         tau, sparsity = cfg["tau"], cfg["sparsity"]
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
-    if resume and not checkpoint_dir:
+    if opts.resume and not opts.checkpoint_dir:
         raise NeuronsError("--resume needs --checkpoint-dir (where the checkpoints are)")
     subj = Subject(images_dir, class_word, cfg["identifier"])
-    setup = setup_neurons(model_dir, subj, cfg=cfg, class_dir=class_dir, dtype=dtype, log=log)
+    setup = setup_neurons(model_dir, subj, cfg=cfg, class_dir=opts.class_dir, dtype=opts.dtype, log=log)
     ckpt = None
-    if checkpoint_dir:
-        ckpt = training.Checkpointer(checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
+    if opts.checkpoint_dir:
+        ckpt = training.Checkpointer(opts.checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
                                      metadata={"kind": CHECKPOINT_KIND, "fingerprint": setup.fingerprint,
                                                "class": class_word, "identifier": subj.identifier})
-        ckpt.refuse_unless_resuming(resume)
+        ckpt.refuse_unless_resuming(opts.resume)
     try:
-        scores, hist = search(setup, steps=cfg["steps"], checkpointer=ckpt, resume=resume, progress=progress,
-                              log=log)
+        scores, hist = search(setup, steps=cfg["steps"], checkpointer=ckpt, resume=opts.resume,
+                              progress=opts.progress, log=log)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -477,19 +508,31 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, *,
     cn = ConceptNeurons(indices, {k: setup.shapes[k] for k in setup.paths}, (subj.identifier,), (class_word,),
                         setup.fingerprint, {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"],
                                             "batch": cfg["batch"]}, out)
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
     save_neurons(out, cn)
     log(f"wrote {out}: {cn.count} concept neurons of {cn.searched} searched weights "
         f"({100 * cn.count / cn.searched:.3f}%), {os.path.getsize(out) / 1024:.1f} KiB")
     return cn
 
 
-def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str, *,
-                   config: str | None = None, steps: int | None = None, rho: float | None = None,
-                   tau: float | None = None, keep: float | None = None, batch: int | None = None,
-                   class_dirs: Sequence[str] | None = None, dtype: str = "fp32", overwrite: bool = False,
-                   progress: bool = True, overrides: dict | None = None, history: list | None = None,
-                   log: Callable[[str], None] | None = None) -> ConceptNeurons:
+@dataclasses.dataclass(frozen=True)
+class JointOptions:
+    """How `finetune_union` runs (the flags of `train.py neurons-joint`); `overrides` as in
+    `SearchOptions`. Give `tau` or `keep`, not both."""
+
+    config: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tau: float | None = None
+    keep: float | None = None  # keep this top fraction of the union by joint score
+    class_dirs: Sequence[str] = ()  # one per subject; default the per-user cache
+    dtype: str = "fp32"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str,
+                   options: JointOptions | None = None, *, history: list | None = None,
+                   log: Callable[[str], None] | None = None, **fields) -> ConceptNeurons:
     """Cones, Sec. 3.3: re-runs the search on ξ with the summed loss of all subjects, updating ξ only at
     the union of their concept neurons (an optax mask), and keeps the union's neurons whose joint score
     M_p exceeds τ (default `joint_tau`: those whose shutting lowers the summed loss to first order), or
@@ -497,8 +540,10 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     from its .cones file; writes `out` atomically."""
     from cones_jax.pipeline import load_pipeline
 
+    opts = dataclasses.replace(options or JointOptions(), **fields)
+    tau, keep, class_dirs = opts.tau, opts.keep, list(opts.class_dirs)
     log = log or (lambda s: print(s, file=sys.stderr))
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
     if len(neuron_paths) < 2:
         raise NeuronsError("--neurons needs the files of at least two subjects")
     if len(images_dirs) != len(neuron_paths):
@@ -510,10 +555,10 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
         raise NeuronsError("give --tau or --keep, not both")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise NeuronsError(f"--keep must be in (0, 1], got {keep}")
-    cfg = load_train_config(config, dict(overrides or {}, steps=steps, rho=rho, batch=batch))
+    cfg = load_train_config(opts.config, opts.overrides)
     if tau is None and keep is None:
         tau = cfg["joint_tau"]
-    sd = load_pipeline(model_dir, dtype=dtype)
+    sd = load_pipeline(model_dir, dtype=opts.dtype)
     sets = load_for_model(neuron_paths, sd.params["unet"], fingerprint=sd.unet_fingerprint)
     setups = []
     for k, (cn, images) in enumerate(zip(sets, images_dirs)):
@@ -530,7 +575,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
                            "use the config the files were made with (--config)")
     searched = {k: joint.shapes[k] for k in joint.paths}
     allowed = only_at(shut, searched)
-    scores, hist = search(joint, steps=cfg["steps"], progress=progress, allowed=allowed, log=log)
+    scores, hist = search(joint, steps=cfg["steps"], progress=opts.progress, allowed=allowed, log=log)
     if history is not None:
         history.extend(hist)
     in_union = {k: v.ravel()[shut[k]] if k in shut else np.zeros(0, v.dtype) for k, v in scores.items()}
@@ -545,7 +590,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
                         tuple(c.identifiers[0] for c in sets), tuple(c.classes[0] for c in sets), joint.fingerprint,
                         {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"],
                          "joint_of": ",".join(os.path.basename(p) for p in neuron_paths)}, out)
-    _check_out(out, overwrite)
+    _check_out(out, opts.overwrite)
     save_neurons(out, cn)
     log(f"wrote {out}: {cn.count} of the union's {sum(len(v) for v in shut.values())} concept neurons kept "
         f"after {cfg['steps']} joint steps, {os.path.getsize(out) / 1024:.1f} KiB")

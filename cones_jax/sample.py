@@ -47,21 +47,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def options(args: argparse.Namespace):
+    """The parsed flags as `GenerateOptions`; --steps, --scheduler and --cfg are sugar for --set keys
+    (and win over them)."""
+    from cones_jax.config import parse_overrides
+    from cones_jax.generate import GenerateOptions
+
+    flags = {"steps": args.steps, "scheduler": args.scheduler, "cfg_scale": args.cfg}
+    overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    return GenerateOptions(
+        model=args.model, out_dir=args.out, seeds=tuple(args.seeds), preset=args.preset, overrides=overrides,
+        dtype=args.dtype, batch=args.batch, guided=not args.no_guidance, negative_prompt=args.negative_prompt,
+        neurons=tuple(args.neurons), allow_pickle=args.allow_pickle, show_layout=args.show_layout,
+        attention_maps=args.attention_maps, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cones_jax.bundled import resolve_layout
     from cones_jax.cli import run_cli
-    from cones_jax.config import parse_overrides
     from cones_jax.generate import generate
 
     def job():
-        overrides = parse_overrides(args.set)
-        paths = generate(resolve_layout(args.layout), model=args.model, out_dir=args.out, seeds=args.seeds, preset=args.preset,
-                         steps=args.steps, scheduler=args.scheduler, cfg_scale=args.cfg,
-                         negative_prompt=args.negative_prompt, dtype=args.dtype, batch=args.batch,
-                         guided=not args.no_guidance, show_layout=args.show_layout,
-                         attention_maps=args.attention_maps, overwrite=args.overwrite,
-                         allow_pickle=args.allow_pickle, neurons=args.neurons, overrides=overrides)
+        paths = generate(resolve_layout(args.layout), options(args))
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
     return run_cli(job)

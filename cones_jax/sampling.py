@@ -29,16 +29,6 @@ from cones_jax.models.vae import unscale_latents
 
 Array = jax.Array
 
-# Host-side progress reporting: `progress_hook["fn"](step)` is called after every sampler step
-# when the spec asks for it (e.g. a tqdm bar's update); None means nobody is listening.
-progress_hook: dict = {"fn": None}
-
-
-def _report_step(i):
-    fn = progress_hook["fn"]
-    if fn is not None:
-        fn(int(i))
-
 # (scores S [2B, H, Q, K] fp32, (h, w), step index i, guidance pytree) -> additive bias
 StepBiasFn = Callable[[Array, tuple[int, int], Array, Any], Array]
 
@@ -52,9 +42,6 @@ class SamplerSpec:
     self_recurrence: bool = False  # Cones 2 official: redo each guided step once after re-noising
     decode: bool = True
     sow_attention: bool = False  # also return cross-attention maps summed over all UNet calls
-    # report each finished step to `progress_hook`; the host callback this puts in the sampler keeps
-    # JAX from writing it to the persistent compilation cache
-    progress: bool = False
 
 
 @flax.struct.dataclass
@@ -91,11 +78,14 @@ def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
     return x_Bx2x[:, 0], x_Bx2x[:, 1]
 
 
-def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *, debug: bool = False):
+def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *, debug: bool = False,
+                 on_step: Optional[Callable[[int], None]] = None):
     """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
 
-    `sd` is a `cones_jax.weights.StableDiffusion`; `params` its params dict. With `debug`, the
-    function is not jitted and the step loop is a Python loop.
+    `sd` is a `cones_jax.pipeline.StableDiffusion`; `params` its params dict. With `debug`, the
+    function is not jitted and the step loop is a Python loop. `on_step(i)` is called on the host
+    after every step (a host callback, which keeps JAX from caching the sampler on disk: none
+    without it).
     """
     unet, vae, text = sd.unet, sd.vae, sd.text_encoder
 
@@ -148,8 +138,8 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
                 return x_next, new_state, maps
 
             out = inner(0, carry) if not spec.self_recurrence else loop(0, reps, inner, carry)
-            if spec.progress:
-                jax.debug.callback(_report_step, i)
+            if on_step is not None:
+                jax.debug.callback(lambda step: on_step(int(step)), i)
             return out
 
         maps0 = None
@@ -166,15 +156,15 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *,
             return out, jax.tree_util.tree_map(lambda m: cfg_halves(m)[1], maps)
         return out
 
-    if debug:
-        def loop(lo, hi, body, carry):
-            for i in range(lo, int(hi)):
-                carry = body(i, carry)
-            return carry
-        return sample
+    loop = python_loop if debug else jax.lax.fori_loop
+    return sample if debug else jax.jit(sample)
 
-    loop = jax.lax.fori_loop
-    return jax.jit(sample)
+
+def python_loop(lo: int, hi, body: Callable, carry):
+    """`lax.fori_loop` as a Python loop (the sampler's eager debug path)."""
+    for i in range(lo, int(hi)):
+        carry = body(i, carry)
+    return carry
 
 
 class CompiledSampler(NamedTuple):
@@ -211,20 +201,20 @@ def _signature(tree) -> tuple:
 
 
 def compile_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn], params, schedule: schedulers.Schedule,
-                    inputs: SampleInputs) -> CompiledSampler:
+                    inputs: SampleInputs, *, on_step: Optional[Callable[[int], None]] = None) -> CompiledSampler:
     """The sampler for these arguments' shapes and shardings, compiled ahead of time.
 
-    Kept per model (on `sd.compiled`) by spec, bias function, attention kernel and argument
-    signature, so a second call at the same shapes (a new layout, prompt or seed) costs nothing
+    Kept per model (on `sd.compiled`) by spec, bias function, step callback, attention kernel and
+    argument signature, so a second call at the same shapes (a new layout, prompt or seed) costs nothing
     here; JAX's persistent compilation cache, when the caller turned it on, makes the first call
     of a later process a load rather than a compile. Trace under `jax.set_mesh(mesh)` for kernels
     that run per shard (`cones_jax.models.attention.splash_attention`).
     """
-    key = (spec, bias_fn, attention.forced_implementation(), _signature((params, schedule, inputs)))
+    key = (spec, bias_fn, on_step, attention.forced_implementation(), _signature((params, schedule, inputs)))
     hit = sd.compiled.get(key)
     if hit is not None:
         return CompiledSampler(hit, 0.0, True)
     t0, hits = time.perf_counter(), _DISK_HITS[0]
-    fn = make_sampler(sd, spec, bias_fn).lower(params, schedule, inputs).compile()
+    fn = make_sampler(sd, spec, bias_fn, on_step=on_step).lower(params, schedule, inputs).compile()
     sd.compiled[key] = fn
     return CompiledSampler(fn, time.perf_counter() - t0, False, _DISK_HITS[0] > hits)

@@ -136,25 +136,28 @@ def run_residual(args: argparse.Namespace) -> None:
 def run_neurons(args: argparse.Namespace) -> None:
     from cones_jax.config import parse_overrides
     from cones_jax.generate import default_model
-    from cones_jax.neurons import train_neurons
+    from cones_jax.neurons import SearchOptions, train_neurons
 
-    train_neurons(args.model or default_model(), args.images, args.class_word, args.out, identifier=args.identifier,
-                  config=args.config, steps=args.steps, rho=args.rho, tau=args.tau, sparsity=args.sparsity,
-                  batch=args.batch, class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir,
-                  checkpoint_every=args.checkpoint_every, resume=args.resume, dtype=args.dtype,
-                  overwrite=args.overwrite, progress=not args.no_progress,
-                  overrides=parse_overrides(args.set))
+    flags = {"steps": args.steps, "rho": args.rho, "batch": args.batch, "identifier": args.identifier,
+             "checkpoint_every": args.checkpoint_every}
+    overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    options = SearchOptions(config=args.config, overrides=overrides, tau=args.tau, sparsity=args.sparsity,
+                            class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                            dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    train_neurons(args.model or default_model(), args.images, args.class_word, args.out, options)
 
 
 def run_joint(args: argparse.Namespace) -> None:
     from cones_jax.config import parse_overrides
     from cones_jax.generate import default_model
-    from cones_jax.neurons import finetune_union
+    from cones_jax.neurons import JointOptions, finetune_union
 
-    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, config=args.config,
-                   steps=args.steps, rho=args.rho, tau=args.tau, keep=args.keep, batch=args.batch,
-                   class_dirs=args.class_images, dtype=args.dtype, overwrite=args.overwrite,
-                   progress=not args.no_progress, overrides=parse_overrides(args.set))
+    flags = {"steps": args.steps, "rho": args.rho, "batch": args.batch}
+    overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    options = JointOptions(config=args.config, overrides=overrides, tau=args.tau, keep=args.keep,
+                           class_dirs=tuple(args.class_images or ()), dtype=args.dtype, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    finetune_union(args.model or default_model(), args.neurons, args.images, args.out, options)
 
 
 def main(argv: list[str] | None = None) -> int:

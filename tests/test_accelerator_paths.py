@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cones_jax import generate as gen, guidance, sampling
+from cones_jax import guidance, sampling
 from cones_jax.config import load_config
 from cones_jax.convert import convert_state_dict
 from cones_jax.layout import parse_layout
 from cones_jax.models import attention
 from cones_jax.pipeline import load_pipeline
+from cones_jax.sampler import LayoutSampler, shard_batch
 from tiny_checkpoints import make_sd
 
 LAYOUT = {"prompt": "a dog and a cat on the beach", "size": [32, 32],
@@ -100,12 +101,10 @@ def tiny(tmp_path_factory):
 
 
 def _inputs(sd, tmp_path, preset, seeds, **overrides):
-    cfg = dict(load_config(preset, overrides))
-    prep = gen.prepare_layout(sd, parse_layout(LAYOUT, str(tmp_path)), cfg)
-    sched = gen.make_schedule(sd, cfg)
-    cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, cfg["guidance_steps"])
-    noise = np.stack([gen.initial_noise(s, (16, 16, 4)) for s in seeds])
-    return cfg, sched, gen.build_inputs(sd, [prep] * len(seeds), noise, cfg, seeds, guided=True)
+    cfg = load_config(preset, overrides)
+    core = LayoutSampler(sd, cfg)
+    prep = core.prepare(parse_layout(LAYOUT, str(tmp_path)))
+    return cfg, core.schedule, core.inputs([prep] * len(seeds), seeds)
 
 
 def _collectives(hlo: str) -> dict:
@@ -122,10 +121,10 @@ def test_sharded_sampling_has_no_collectives(tiny, tmp_path, impl):
     mesh = Mesh(np.array(jax.local_devices()), ("data",))
     params = jax.device_put(sd.params, NamedSharding(mesh, P()))
     _, sched, inputs = _inputs(sd, tmp_path, "official", list(range(8)), steps=2, guidance_steps=2)
-    inputs = gen.shard_batch(inputs, mesh)
-    unguided = gen.shard_batch(gen.build_inputs(sd, [gen.prepare_layout(
-        sd, parse_layout(LAYOUT, str(tmp_path)), load_config("official"))] * 8, np.asarray(inputs.noise),
-        load_config("official"), list(range(8)), guided=False), mesh)
+    inputs = shard_batch(inputs, mesh)
+    plain = LayoutSampler(sd, load_config("official"), guided=False)
+    unguided = shard_batch(plain.inputs([plain.prepare(parse_layout(LAYOUT, str(tmp_path)))] * 8, list(range(8))),
+                           mesh)
     cases = {"guided": (sampling.SamplerSpec(scheduler="euler", steps=2, self_recurrence=True), guidance.layout_bias,
                         inputs),
              "unguided": (sampling.SamplerSpec(scheduler="euler", steps=2), None, unguided)}

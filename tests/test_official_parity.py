@@ -12,10 +12,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 F = torch.nn.functional
 
-from cones_jax import artifacts, generate as gen, guidance, sampling  # noqa: E402
+from cones_jax import artifacts, guidance, sampling  # noqa: E402
 from cones_jax.config import load_config  # noqa: E402
 from cones_jax.layout import parse_layout  # noqa: E402
 from cones_jax.pipeline import load_pipeline  # noqa: E402
+from cones_jax.sampler import LayoutSampler, initial_noise, renoise_keys  # noqa: E402
 from tiny_checkpoints import make_sd  # noqa: E402
 
 STEPS, GUIDED, LAMBDA, GAMMA_POS, GAMMA_NEG = 3, 2, 0.08, 2.5, -1e8
@@ -104,17 +105,17 @@ def test_official_preset_matches_reference(tmp_path):
         maps[h * h] = t
 
     # ---- ours
-    cfg = dict(load_config("official", {"steps": STEPS, "guidance_steps": GUIDED, "guidance_weight": LAMBDA}))
-    prep = gen.prepare_layout(sd, parse_layout(layout, str(tmp_path)), cfg)
-    sched = gen.make_schedule(sd, cfg)
-    cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, GUIDED)
-    noise = gen.initial_noise(0, (16, 16, 4))[None]
-    inputs = gen.build_inputs(sd, [prep], noise, cfg, [0], guided=True)
+    cfg = load_config("official", {"steps": STEPS, "guidance_steps": GUIDED, "guidance_weight": LAMBDA})
+    core = LayoutSampler(sd, cfg)
+    sched = core.schedule
+    inputs = core.inputs([core.prepare(parse_layout(layout, str(tmp_path)))], [0])
+    noise = initial_noise(0, (16, 16, 4))[None]
+    np.testing.assert_array_equal(np.asarray(inputs.noise), noise)
     sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="euler", steps=STEPS, self_recurrence=True),
                                     guidance.layout_bias)
     ours = np.asarray(sampler(sd.params, sched, inputs))
 
-    key = gen.renoise_keys([0])[0]
+    key = renoise_keys([0])[0]
     renoise = [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0),
                                                              noise.shape[1:]))[None].transpose(0, 3, 1, 2).copy()).double()
                for i in range(GUIDED)]

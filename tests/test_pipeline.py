@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from cones_jax import generate as gen, sampling, schedulers  # noqa: E402
+from cones_jax import sampling, schedulers  # noqa: E402
+from cones_jax.sampler import renoise_keys  # noqa: E402
 from cones_jax.fileio import CheckpointError  # noqa: E402
 from cones_jax.pipeline import load_pipeline  # noqa: E402
 from tiny_checkpoints import make_sd  # noqa: E402
@@ -35,7 +36,7 @@ def sample_inputs(sd, prompts, noise, cfg=7.5):
     return sampling.SampleInputs(
         prompt_ids=ids, negative_ids=jnp.asarray(sd.tokenizer.encode([""] * len(prompts))),
         token_residuals=jnp.zeros(ids.shape + (sd.text_encoder.config.hidden_size,)),
-        noise=jnp.asarray(noise), cfg_scale=jnp.float32(cfg), renoise_keys=gen.renoise_keys(range(len(prompts))))
+        noise=jnp.asarray(noise), cfg_scale=jnp.float32(cfg), renoise_keys=renoise_keys(range(len(prompts))))
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULERS))

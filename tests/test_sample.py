@@ -3,16 +3,18 @@ determinism, sharding over 8 fake devices, and the official algorithm re-impleme
 
 import json
 import os
+from types import MappingProxyType
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from cones_jax import artifacts, generate as gen, guidance, sampling
+from cones_jax import artifacts, guidance, sampling
 from cones_jax.config import load_config
 from cones_jax.layout import parse_layout
 from cones_jax.pipeline import load_pipeline
+from cones_jax.sampler import LayoutSampler, shard_batch, to_uint8
 from tiny_checkpoints import make_sd
 
 from cones_jax import sample as sample_cli
@@ -62,12 +64,9 @@ def test_cli_writes_images_and_extras(tiny, tmp_path, capsys):
 
 
 def _prepared_inputs(sd, layout_obj, folder, cfg, seeds):
-    lay = parse_layout(layout_obj, str(folder))
-    prep = gen.prepare_layout(sd, lay, cfg)
-    sched = gen.make_schedule(sd, cfg)
-    cfg["_sigmas"] = gen.guidance_sigmas(cfg, sched, cfg["guidance_steps"])
-    noise = np.stack([gen.initial_noise(s, (16, 16, 4)) for s in seeds])
-    return sched, gen.build_inputs(sd, [prep] * len(seeds), noise, cfg, seeds, guided=True)
+    core = LayoutSampler(sd, cfg)
+    prep = core.prepare(parse_layout(layout_obj, str(folder)))
+    return core.schedule, core.inputs([prep] * len(seeds), seeds)
 
 
 def test_new_layout_does_not_recompile_and_seed_is_deterministic(tiny, tmp_path):
@@ -75,11 +74,12 @@ def test_new_layout_does_not_recompile_and_seed_is_deterministic(tiny, tmp_path)
     cfg = load_config("official", {"steps": 3, "guidance_steps": 2})
     sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="euler", steps=3, self_recurrence=True),
                                     guidance.layout_bias)
-    sched, a = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg), [0])
+    sched, a = _prepared_inputs(sd, LAYOUT, tmp_path, cfg, [0])
     other = dict(LAYOUT, prompt="a red cat next to a dog in the park",
                  subjects=[{"word": "cat", "box": [0.1, 0.1, 0.4, 0.9], "strength": 1.5},
                            {"word": "dog", "box": [0.6, 0.2, 0.9, 0.8]}])
-    _, b = _prepared_inputs(sd, other, tmp_path, dict(cfg, guidance_weight=0.05), [0])
+    _, b = _prepared_inputs(sd, other, tmp_path,
+                            load_config("official", {"steps": 3, "guidance_steps": 2, "guidance_weight": 0.05}), [0])
     img_a = np.asarray(sampler(sd.params, sched, a))
     img_b = np.asarray(sampler(sd.params, sched, b))
     img_a2 = np.asarray(sampler(sd.params, sched, a))
@@ -91,13 +91,13 @@ def test_new_layout_does_not_recompile_and_seed_is_deterministic(tiny, tmp_path)
 def test_sharded_batch_equals_single_device(tiny, tmp_path):
     _, sd = tiny
     assert len(jax.local_devices()) == 8, "conftest sets 8 fake CPU devices"
-    cfg = load_config("paper", {"steps": 2})
+    cfg = load_config("paper", {"steps": 2, "scheduler": "ddim"})
     seeds = list(range(8))
-    sched, inputs = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg, scheduler="ddim"), seeds)
+    sched, inputs = _prepared_inputs(sd, LAYOUT, tmp_path, cfg, seeds)
     sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="ddim", steps=2), guidance.layout_bias)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
     sharded = sampler(jax.device_put(sd.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-                      sched, gen.shard_batch(inputs, mesh))
+                      sched, shard_batch(inputs, mesh))
     assert len(sharded.sharding.device_set) == 8
     single = np.concatenate([np.asarray(sampler(sd.params, sched, jax.tree_util.tree_map(
         lambda x: x[k:k + 1] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 8 else x, inputs))) for k in range(8)])
@@ -112,8 +112,8 @@ def test_self_recurrence_noise_follows_the_seed(tiny, tmp_path):
     cfg = load_config("official", {"steps": 3, "guidance_steps": 3})
     sampler = sampling.make_sampler(sd, sampling.SamplerSpec(scheduler="euler", steps=3, self_recurrence=True),
                                     guidance.layout_bias)
-    sched, pair = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg), [0, 5])
-    _, alone = _prepared_inputs(sd, LAYOUT, tmp_path, dict(cfg), [5])
+    sched, pair = _prepared_inputs(sd, LAYOUT, tmp_path, cfg, [0, 5])
+    _, alone = _prepared_inputs(sd, LAYOUT, tmp_path, cfg, [5])
     both = np.asarray(sampler(sd.params, sched, pair))
     np.testing.assert_allclose(both[1:], np.asarray(sampler(sd.params, sched, alone)), atol=1e-5)
     assert np.abs(both[0] - both[1]).mean() > 0.02
@@ -147,3 +147,32 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path, capsys):
     rc = run(["--layout", write_layout(tmp_path, LAYOUT), "--model", str(tmp_path / "empty"),
               "--out", str(tmp_path / "o")])
     assert rc == 2 and "model_index.json" in capsys.readouterr().err
+
+
+def test_core_reuses_its_sampler_and_draws_what_the_sampler_draws(tiny, tmp_path):
+    """The core: a second layout at the same shapes reuses the compiled sampler, and its uint8
+    images are the jitted sampler's on the same inputs, whatever the batch split over devices."""
+    _, sd = tiny
+    # a config is only read: a read-only mapping will do (typed configs keep `cfg[key]` access)
+    core = LayoutSampler(sd, MappingProxyType(load_config("paper", {"steps": 2})), batch=4)
+    lay = parse_layout(LAYOUT, str(tmp_path))
+    other = parse_layout(dict(LAYOUT, prompt="a cat and a dog on the beach"), str(tmp_path))
+    first = core.draw([lay], [0, 1, 2])
+    again = core.draw([other, lay], [1, 2])
+    assert again.compiled.cached and again.batch == 4 and first.images.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(again.images[2:], first.images[1:])  # (lay, 1), (lay, 2): same images
+    jitted = sampling.make_sampler(sd, core.spec, guidance.layout_bias)
+    want = to_uint8(jitted(sd.params, core.schedule, core.inputs([core.prepare(lay)] * 3, [0, 1, 2])))
+    assert np.abs(want.astype(int) - first.images.astype(int)).max() <= 1
+
+
+def test_on_step_hears_every_step_and_is_compiled_in_only_when_given(tiny, tmp_path):
+    _, sd = tiny
+    cfg = load_config("paper", {"steps": 2})  # the previous test's sampler, reused for `plain`
+    lay = parse_layout(LAYOUT, str(tmp_path))
+    heard = []
+    called = LayoutSampler(sd, cfg, batch=4, on_step=heard.append).draw([lay], [0])
+    plain = LayoutSampler(sd, cfg, batch=4).draw([lay], [0])
+    assert sorted(heard) == [0, 1]
+    np.testing.assert_array_equal(called.images, plain.images)
+    assert "callback" in called.compiled.fn.as_text() and "callback" not in plain.compiled.fn.as_text()

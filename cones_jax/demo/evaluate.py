@@ -24,9 +24,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from cones_jax import bundled, generate as gen, guidance, layout as layout_lib, sampling
+from cones_jax import bundled, layout as layout_lib
 from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, world
+from cones_jax.sampler import LayoutSampler, sample_prompts
 
 DEMO_WORLD = bundled.demo_world()
 DEMO_RESIDUALS = os.path.join(DEMO_WORLD, "residuals")
@@ -168,35 +169,17 @@ def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: 
 # --------------------------------------------------------------------------------------------
 
 
-def layout_sampler(sd, cfg: dict, *, guided: bool, batch: int = 8):
-    """`draw(layouts, seeds, params=None) -> uint8 images`, one per (layout, seed) pair in order,
-    all through one compiled sampler: layouts, γ, λ and the weights (`params`, default sd.params:
-    e.g. the UNet with concept neurons shut) are inputs, so a suite costs one compile per setting."""
-    schedule = gen.make_schedule(sd, cfg)
-    cfg = dict(cfg, _sigmas=gen.guidance_sigmas(cfg, schedule, cfg["guidance_steps"]))
-    spec = sampling.SamplerSpec(scheduler=cfg["scheduler"], steps=cfg["steps"],
-                                self_recurrence=bool(cfg["self_recurrence"]) and guided)
-    sampler = sampling.make_sampler(sd, spec, guidance.layout_bias if guided else None)
-    lat = world.IMAGE_SIZE // sd.latent_factor
-
-    def draw(layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], params=None) -> np.ndarray:
-        jobs = [(gen.prepare_layout(sd, lay, cfg), s) for lay in layouts for s in seeds]
-        out = []
-        for idx, real in gen.padded_chunks(len(jobs), batch):
-            chunk = [jobs[i] for i in idx]
-            noise = np.stack([gen.initial_noise(s, (lat, lat, sd.unet.config.in_channels)) for _, s in chunk])
-            inputs = gen.build_inputs(sd, [p for p, _ in chunk], noise, cfg, [s for _, s in chunk], guided=guided)
-            images = np.asarray(sampler(sd.params if params is None else params, schedule, inputs))
-            out.extend(gen._to_uint8(img) for img in images[:real])
-        return np.stack(out)
-
-    return draw
+def layout_sampler(sd, cfg, *, guided: bool, batch: int = 8) -> LayoutSampler:
+    """The suite's sampler: `.draw(layouts, seeds, params=...)` gives one image per (layout, seed)
+    pair in order. Layouts, γ, λ and the weights (`params`, e.g. the UNet with concept neurons
+    shut) are inputs of one compiled sampler, so a suite costs one compile per setting."""
+    return LayoutSampler(sd, cfg, guided=guided, batch=batch)
 
 
-def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg: dict, *, guided: bool,
+def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg, *, guided: bool,
                    batch: int = 8) -> np.ndarray:
     """uint8 images, one per (layout, seed) pair in order (`layout_sampler` for one call)."""
-    return layout_sampler(sd, cfg, guided=guided, batch=batch)(layouts, seeds)
+    return layout_sampler(sd, cfg, guided=guided, batch=batch).draw(layouts, seeds).images
 
 
 SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
@@ -205,6 +188,16 @@ SETTINGS = {  # name -> (guided, γ⁺ scale, γ⁻ on)
     "weaken only (γ⁺ = 0)": (True, 0.0, True),
     "full guidance": (True, 1.0, True),
 }
+
+
+def setting_overrides(preset: str, overrides: dict, steps: int | None, negative: bool) -> dict:
+    """What a row changes in its preset: fewer steps (guiding at most all of them), γ⁻ off."""
+    extra = {}
+    if steps:
+        extra.update(steps=steps, guidance_steps=min(load_config(preset, overrides)["guidance_steps"], steps))
+    if not negative:
+        extra["weight_negative"] = 0.0
+    return extra
 
 
 def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
@@ -222,11 +215,7 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
         guided, pos, neg = SETTINGS[name]
         if not guided and preset != presets[0]:
             continue  # no guidance is the same for every preset
-        cfg = load_config(preset, overrides)
-        if steps:
-            cfg = cfg.replace(steps=steps, guidance_steps=min(cfg["guidance_steps"], steps))
-        if not neg:
-            cfg = cfg.replace(weight_negative=0.0)
+        cfg = load_config(preset, {**overrides, **setting_overrides(preset, overrides, steps, neg)})
         layouts = [layout_of(c, residuals=with_res, strength=pos * cfg["weight_positive"], residual_dir=residual_dir)
                    for c in cases]
         t0 = time.perf_counter()
@@ -253,7 +242,7 @@ def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], step
         for s in seeds:
             prompts.append(f"a {colour} {shape}")
             truth.append((shape, colour))
-    images = gen.sample_prompts(sd, prompts, list(range(len(prompts))), steps=steps,
+    images = sample_prompts(sd, prompts, list(range(len(prompts))), steps=steps,
                                 cfg_scale=cfg_scale)
     shape_ok = colour_ok = both = 0
     for img, (shape, colour) in zip(images, truth):
@@ -348,7 +337,7 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
     from cones_jax import neurons as neurons_lib
 
     cfg = load_config("paper", {"steps": steps, "guidance_steps": steps, "guidance_weight": GUIDANCE_WEIGHT})
-    draw = layout_sampler(sd, cfg, guided=with_layout)
+    core = layout_sampler(sd, cfg, guided=with_layout)
     groups = [tuple(g) for g in (groups or IDENTITY_GROUPS)]
     rows = []
     for method in methods:
@@ -361,12 +350,10 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
             lay = identity_prompt(names, method, residual_dir, boxed=with_layout, strength=cfg["weight_positive"])
             params = None
             if files:
-                sets = neurons_lib.load_for_model([os.path.join(neuron_dir, f) for f in files], sd.params["unet"],
-                                                  fingerprint=sd.unet_fingerprint)
-                params = dict(sd.params, unet=neurons_lib.apply_neurons(sd.params["unet"], sets))
+                params, _ = neurons_lib.params_with_neurons(sd, [os.path.join(neuron_dir, f) for f in files])
             t0 = time.perf_counter()
             found = [[subject_traits(detect.find_things(detector, img), SUBJECTS[n]) for n in names]
-                     for img in draw([lay], seeds, params)]
+                     for img in core.draw([lay], seeds, params=params).images]
             per_k.setdefault(len(names), []).extend(found)
             rows.append(identity_row(label, "+".join(names), found, time.perf_counter() - t0))
             log(format_identity_row(rows[-1]))
