@@ -84,7 +84,7 @@ def output_paths(out_dir: str, stem: str, seeds: Sequence[int], *, show_layout: 
     return paths
 
 
-def layout_config(preset: str, lay: layout_lib.Layout, overrides: Mapping[str, Any] | None = None):
+def layout_config(preset: str, lay: layout_lib.Layout | None, overrides: Mapping[str, Any] | None = None):
     """(config, layout) by `config.resolve_sampling`'s one precedence: preset < layout file < overrides."""
     try:
         return resolve_sampling(preset, lay, dict(overrides or {}))
@@ -119,8 +119,8 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=Non
     seeds = [int(s) for s in opts.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise GenerateError("--seeds must be a non-empty list of distinct integers")
-    lay = layout_lib.load_layout(layout_path)
-    cfg, lay = layout_config(opts.preset, lay, opts.overrides)
+    layout_config(opts.preset, None, opts.overrides)  # flags checked before any file is read
+    cfg, lay = layout_config(opts.preset, layout_lib.load_layout(layout_path), opts.overrides)
     stem = os.path.splitext(os.path.basename(layout_path))[0]
     paths = output_paths(opts.out_dir, stem, seeds, show_layout=opts.show_layout, attention=opts.attention_maps,
                          words=[s.word for s in lay.subjects])

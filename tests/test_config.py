@@ -150,14 +150,20 @@ def test_generate_hands_the_resolved_values_to_the_sampler(tmp_path, monkeypatch
     class Stop(Exception):
         pass
 
-    def capture(sd, lay, cfg, **kw):
-        seen.update(lay=lay, cfg=cfg)
-        raise Stop
+    class Capture:
+        def __init__(self, sd, cfg, **kw):
+            seen.update(cfg=cfg)
 
-    monkeypatch.setattr(gen, "prepare_layout", capture)
+        def prepare(self, lay):
+            seen.update(lay=lay)
+            raise Stop
+
+    monkeypatch.setattr(gen, "LayoutSampler", Capture)
+    args = sample_cli.parse_args(["--layout", str(path), "--out", str(tmp_path / "out"), "--steps", "4",
+                                  "--set", "weight_negative=-7.0", "--set", "weight_positive=3.0",
+                                  "--set", "steps=9"])
     with pytest.raises(Stop):
-        gen.generate(str(path), sd=object(), out_dir=str(tmp_path / "out"), steps=4, progress=False,
-                     overrides={"weight_negative": -7.0, "weight_positive": 3.0, "steps": 9})
+        gen.generate(str(path), sample_cli.options(args), sd=object(), progress=False)
     lay, cfg = seen["lay"], seen["cfg"]
     assert (cfg["weight_negative"], lay.weight_negative) == (-7.0, -7.0)
     assert cfg["guidance_weight"] == 0.3 and cfg["steps"] == 4  # from the layout; the flag beats --set
