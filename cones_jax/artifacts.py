@@ -39,22 +39,11 @@ import zlib
 
 import numpy as np
 
+from cones_jax.errors import ArtifactError, NeuronsError, NeuronsFileError
 from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle, save_safetensors
 
 RESIDUAL_FORMAT = "cones_jax.residual"
 NEURONS_FORMAT = "cones_jax.neurons"
-
-
-class ArtifactError(ValueError):
-    """An artifact does not fit the model or is malformed (one-line message)."""
-
-
-class NeuronsError(ValueError):
-    """Bad input to concept-neuron search or use (one-line message; the CLIs exit with code 2)."""
-
-
-class NeuronsFileError(NeuronsError, ArtifactError):
-    """A `.cones` file is missing, malformed or for another model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +63,7 @@ class Residual:
 def save_residual(path: str, residual: Residual, extra: dict | None = None) -> None:
     delta = np.asarray(residual.delta, np.float32)
     if delta.ndim != 2:
-        raise ValueError(f"a residual is [n, d], got shape {delta.shape}")
+        raise ArtifactError(f"a residual is [n, d], got shape {delta.shape}")
     meta = {"format": RESIDUAL_FORMAT, "version": "1", "word": residual.word,
             "token_ids": json.dumps(list(map(int, residual.token_ids))), "dim": str(delta.shape[1]),
             "text_encoder": residual.text_encoder, "preset": residual.preset}

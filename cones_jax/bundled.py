@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from importlib import resources
 
+from cones_jax.errors import ConfigError, LayoutError
+
 DEMO_PREFIX = "demo:"
 
 
@@ -18,7 +20,7 @@ def data_dir() -> str:
     """The folder of the bundled data (a real folder: the package is installed unzipped)."""
     root = resources.files("cones_jax.demo") / "data"
     if not isinstance(root, os.PathLike):
-        raise FileNotFoundError("cones_jax's bundled data is not on a file system (zipped install?); "
+        raise ConfigError("cones_jax's bundled data is not on a file system (zipped install?); "
                                 "install the package with pip, which unpacks it")
     return os.fspath(root)
 
@@ -56,5 +58,5 @@ def resolve_layout(path: str) -> str:
     name = name if name.endswith((".json", ".yaml", ".yml")) else name + ".json"
     full = os.path.join(layouts_dir(), *name.split("/"))
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"--layout {path!r}: no such bundled layout; use one of {', '.join(layout_names())}")
+        raise LayoutError(f"--layout {path!r}: no such bundled layout; use one of {', '.join(layout_names())}")
     return full

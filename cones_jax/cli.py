@@ -1,14 +1,18 @@
-"""Shared command-line behaviour: bad input is one line on stderr and exit code 2; the runtime
-settings every command starts with (CPU XLA flags, the persistent compilation cache)."""
+"""Shared command-line behaviour: a `ConesError` is one line on stderr and its exit code (2 for
+bad input); the runtime settings every command starts with (CPU XLA flags, the compile cache)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import traceback
 from typing import Callable
 
+from cones_jax.errors import ConesError
+
 BAD_INPUT_EXIT = 2
+ENVIRONMENT_EXIT = 1
 
 # XLA:CPU flags measured fastest for our UNet (BENCHMARKS.md, "UNet forward"): jaxlib's YNNPACK
 # convolutions ran at ~0.85x of XLA's own kernels on these shapes.
@@ -52,33 +56,39 @@ def prepare_runtime() -> None:
     enable_compilation_cache()
 
 
-def bad_input_errors() -> tuple[type, ...]:
-    from cones_jax.artifacts import ArtifactError
-    from cones_jax.fileio import CheckpointError
-    from cones_jax.generate import GenerateError
-    from cones_jax.layout import LayoutError
-    from cones_jax.neurons import NeuronsError
-    return (ArtifactError, CheckpointError, GenerateError, LayoutError, NeuronsError, FileNotFoundError, ValueError)
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
-def run_cli(job: Callable[[], None]) -> int:
-    """Runs `job`; a bad-input exception becomes `error: <message>` and exit code 2."""
-    errors = bad_input_errors()
+def run_cli(job: Callable[[], None], *, debug: bool = False) -> int:
+    """Runs `job` and turns its failure into one line on stderr and an exit code.
+
+    `ConesError` (bad input, configuration, or numbers; `cones_jax.errors`): `error: <message>`,
+    exit `e.exit_code` (2, or 1 for the environment and diverged training). `OSError` (a full
+    disk, a read-only folder, a lost mount): one line, exit 1; outputs are written to temporary
+    names, so nothing half-written is left. Ctrl-C: exit 130. Anything else is a bug: its
+    traceback, a line saying so, exit 1. `debug` prints the traceback for every failure.
+    """
     prepare_runtime()
     try:
         job()
-    except errors as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return BAD_INPUT_EXIT
+    except ConesError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except OSError as e:
-        # A full disk or a lost mount: outputs are written to temporary names, so nothing half-written
-        # is left behind; say what failed in one line.
+        if debug:
+            traceback.print_exc()
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: could not write{where}: {e.strerror or e}; free some space or choose another output "
-              "location", file=sys.stderr)
-        return 1
+        print(f"error: {e.strerror or one_line(e)}{where}; check that path, its permissions and the free space, "
+              "or choose another location", file=sys.stderr)
+        return ENVIRONMENT_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: keep its traceback, exit 1
+        traceback.print_exc()
+        print("error: an internal error in cones_jax (the traceback above); please report it", file=sys.stderr)
+        return ENVIRONMENT_EXIT
     return 0

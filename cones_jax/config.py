@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from importlib import resources
 from typing import Any, Literal, Self
 
+from cones_jax.errors import ConfigError
+
 PRESETS = {"official": "cones2_official", "paper": "cones2_paper"}
 CONFIG_PACKAGE = "cones_jax.configs"
 
@@ -63,7 +65,7 @@ class Config(Mapping):
         checked = {}
         for key, value in overrides.items():
             if key not in names:
-                raise ValueError(unknown_key_message(type(self).__name__, key, names, source))
+                raise ConfigError(unknown_key_message(type(self).__name__, key, names, source))
             checked[key] = check_value(key, value, hints[key], source)
         return dataclasses.replace(self, **checked)
 
@@ -126,7 +128,7 @@ def check_value(key: str, value: Any, tp: Any, source: str = "--set") -> Any:
     """`value` as field type `tp`, or a one-line `ValueError`."""
     ok, out = _coerce(value, tp)
     if not ok:
-        raise ValueError(f"{source} {key}: expected {type_name(tp)}, got {value!r} "
+        raise ConfigError(f"{source} {key}: expected {type_name(tp)}, got {value!r} "
                          f"({type(value).__name__}); write e.g. {source} {key}={_example(tp)}")
     return out
 
@@ -244,7 +246,7 @@ def _module(name_or_path: str):
     name = PRESETS.get(name_or_path, name_or_path)
     if name.endswith(".py"):
         if not os.path.isfile(name):
-            raise ValueError(f"config file {name!r} not found; use one of {', '.join(preset_names())} "
+            raise ConfigError(f"config file {name!r} not found; use one of {', '.join(preset_names())} "
                              "or the path of a .py file with get_config()")
         spec = importlib.util.spec_from_file_location(f"cones_jax_config_{os.path.basename(name)[:-3]}", name)
         module = importlib.util.module_from_spec(spec)
@@ -253,7 +255,7 @@ def _module(name_or_path: str):
     if name not in preset_names():
         close = difflib.get_close_matches(name, preset_names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown config {name_or_path!r}; {hint}use one of {', '.join(preset_names())} "
+        raise ConfigError(f"unknown config {name_or_path!r}; {hint}use one of {', '.join(preset_names())} "
                          "or the path of a .py file with get_config()")
     return importlib.import_module(f"{CONFIG_PACKAGE}.{name}")
 
@@ -263,7 +265,7 @@ def load_config(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     with `overrides` (key -> value) checked against the config's fields."""
     cfg = _module(name_or_path).get_config()
     if not isinstance(cfg, Config):
-        raise ValueError(f"config {name_or_path!r}: get_config() returned a {type(cfg).__name__}; return a typed "
+        raise ConfigError(f"config {name_or_path!r}: get_config() returned a {type(cfg).__name__}; return a typed "
                          "config from cones_jax.config (e.g. load_config('official').replace(steps=30))")
     return cfg.override(overrides)
 
@@ -271,7 +273,7 @@ def load_config(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
 def parse_override(text: str) -> tuple[str, object]:
     """`key=value` with a Python literal value (strings may be bare; `Config.override` checks types)."""
     if "=" not in text:
-        raise ValueError(f"--set {text!r} must look like key=value, e.g. --set steps=30")
+        raise ConfigError(f"--set {text!r} must look like key=value, e.g. --set steps=30")
     key, raw = text.split("=", 1)
     try:
         value = ast.literal_eval(raw.strip())

@@ -18,9 +18,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder is missing, malformed, or not supported (one-line message)."""
+from cones_jax.errors import CheckpointError
 
 
 _DTYPES = {

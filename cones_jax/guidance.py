@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax.errors import ArtifactError
 from cones_jax.sampling import cfg_batch, cfg_halves
 
 Array = jax.Array
@@ -37,7 +38,7 @@ def residual_rows(seq_len: int, dim: int, placements: Sequence[tuple[Sequence[Se
             elif delta.shape[0] == 1:
                 out[positions[0]] += delta[0]
             else:
-                raise ValueError(f"a residual with {delta.shape[0]} rows cannot be placed on a word of "
+                raise ArtifactError(f"a residual with {delta.shape[0]} rows cannot be placed on a word of "
                                  f"{len(positions)} tokens; it was trained for another word or tokenizer")
     return out
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from cones_jax.errors import ConfigError
 from cones_jax import weights
 from cones_jax.convert import Fingerprint, flatten
 from cones_jax.fileio import CheckpointError
@@ -36,7 +37,7 @@ def parse_dtype(name_or_dtype) -> Any:
     if not isinstance(name_or_dtype, str):
         return name_or_dtype
     if name_or_dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of fp32, bf16, fp16")
+        raise ConfigError(f"unknown dtype {name_or_dtype!r}; use one of fp32, bf16, fp16")
     return DTYPES[name_or_dtype]
 
 
@@ -86,10 +87,18 @@ def _component_dir(folder: str, name: str) -> str:
     return path
 
 
+def component_config(cls, component_dir: str):
+    """A component's config.json as `cls`; a value our modules do not implement is the folder's fault."""
+    try:
+        return cls.from_dict(weights.read_config(component_dir))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{component_dir}/config.json: {e}") from None
+
+
 def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None,
               fingerprint: Fingerprint | None = None):
     """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
-    cfg = UNetConfig.from_dict(weights.read_config(component_dir))
+    cfg = component_config(UNetConfig, component_dir)
     module = UNet2DConditionModel(cfg, dtype=dtype)
     params = weights.load_params(component_dir, module.param_shapes(), dtype=param_dtype or dtype, variant=variant,
                                  component="unet", fingerprint=fingerprint)
@@ -97,7 +106,7 @@ def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=N
 
 
 def load_vae(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None):
-    cfg = VAEConfig.from_dict(weights.read_config(component_dir))
+    cfg = component_config(VAEConfig, component_dir)
     module = AutoencoderKL(cfg, dtype=dtype)
     params = weights.load_params(component_dir, module.param_shapes(), rename=vae_rename,
                                  dtype=param_dtype or dtype, variant=variant, component="vae")
@@ -107,7 +116,7 @@ def load_vae(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=No
 def load_text_encoder(component_dir: str, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
                       remat: bool = False, fingerprint: Fingerprint | None = None):
     """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
-    cfg = CLIPTextConfig.from_dict(weights.read_config(component_dir))
+    cfg = component_config(CLIPTextConfig, component_dir)
     module = CLIPTextTransformer(cfg, dtype=dtype, remat=remat)
     params = weights.load_params(component_dir, text_encoder_shapes(module), rename=text_encoder_rename,
                                  dtype=param_dtype, variant=variant, component="text_encoder",
@@ -159,7 +168,10 @@ def load_pipeline(folder: str, dtype="fp32", *, param_dtype=None, variant: str |
         path = os.path.join(sched_dir, "scheduler_config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{sched_dir}: no scheduler_config.json")
-        sched = SchedulerConfig.from_json(path)
+        try:
+            sched = SchedulerConfig.from_json(path)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if unet is not None and text is not None and unet.config.cross_attention_dim != text.config.hidden_size:
         raise CheckpointError(f"{folder}: the UNet expects {unet.config.cross_attention_dim}-d text embeddings but "
                               f"the text encoder makes {text.config.hidden_size}-d ones")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax.errors import ResidualError
 from cones_jax import artifacts, training
 from cones_jax.config import load_config
 from cones_jax.models.clip_text import CLIPTextTransformer
@@ -37,9 +38,6 @@ from cones_jax.schedulers import alphas_cumprod
 PRESETS = {"official": "cones2_train_official", "paper": "cones2_train_paper"}
 CHECKPOINT_KIND = "cones2_residual"
 
-
-class ResidualError(ValueError):
-    """Bad input to residual training (one-line message; `train.py` exits with code 2)."""
 
 # The 27 "imagenet_templates_small" prompts of textual inversion, over which the official code averages Δ.
 TI_TEMPLATES = (
@@ -101,7 +99,7 @@ def generate_sentences(word: str, num: int, seed: int = 0) -> list[str]:
 def read_sentences(path: str, word: str, tokenizer) -> list[str]:
     """A user's sentence file (one per line); lines that do not contain the word are dropped with a warning."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"sentence file {path} does not exist")
+        raise ResidualError(f"sentence file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     kept = [s for s in lines if tokenizer.find_word(tokenizer.encode(s)[0], word)]
@@ -109,7 +107,7 @@ def read_sentences(path: str, word: str, tokenizer) -> list[str]:
         warnings.warn(f"{path}: {len(lines) - len(kept)} of {len(lines)} sentences do not contain {word!r} "
                       "(as whole tokens, within the token limit) and are ignored", stacklevel=2)
     if not kept:
-        raise ValueError(f"{path}: no sentence contains the word {word!r}")
+        raise ResidualError(f"{path}: no sentence contains the word {word!r}")
     return kept
 
 
@@ -119,7 +117,7 @@ def subject_rows(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
     for p, row in enumerate(ids_PxL):
         found = tokenizer.find_word(row, word)
         if not found:
-            raise ValueError(f"prompt {tokenizer.decode(row)!r} does not contain {word!r} within the token limit")
+            raise ResidualError(f"prompt {tokenizer.decode(row)!r} does not contain {word!r} within the token limit")
         rows.append(found[0])
     return np.asarray(rows, np.int32)
 
@@ -294,7 +292,7 @@ def load_train_config(preset: str = "official", config: str | None = None, overr
     """A training config: `config` (name or path) if given, else the preset's; then non-None overrides."""
     name = config or PRESETS.get(preset)
     if name is None:
-        raise ValueError(f"unknown preset {preset!r}; use official or paper (or --config FILE)")
+        raise ResidualError(f"unknown preset {preset!r}; use official or paper (or --config FILE)")
     return load_config(name, {k: v for k, v in (overrides or {}).items() if v is not None})
 
 
@@ -346,7 +344,7 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
     instance = cfg["instance_prompt"].format(word)
     instance_ids = tok.encode([instance])
     if not tok.find_word(instance_ids[0], word):
-        raise ValueError(f"instance prompt {instance!r} does not contain {word!r} within the token limit")
+        raise ResidualError(f"instance prompt {instance!r} does not contain {word!r} within the token limit")
     frozen: dict = {"unet": sd.params["unet"], "instance_ids": jnp.asarray(instance_ids[0])}
     if cfg["reg"] == "official":
         frozen["reg_target"] = jnp.asarray(encode_prompts(text, text_params, instance_ids)[0])
@@ -359,7 +357,7 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
         keep = ~subject_mask(tok, reg_ids, word)
         ok = ~keep.all(axis=1)  # generated sentences whose word tokenises differently in context are dropped
         if not ok.any():
-            raise ValueError(f"no preservation sentence contains {word!r} as whole tokens")
+            raise ResidualError(f"no preservation sentence contains {word!r} as whole tokens")
         sents = [s for s, k in zip(sents, ok) if k]
         reg_ids, keep = reg_ids[ok], keep[ok]
         frozen["reg_ids"] = jnp.asarray(reg_ids)
@@ -367,14 +365,14 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
         frozen["reg_keep"] = jnp.asarray(keep.astype(np.float32))
         spec_kw = dict(reg_lambda=cfg["reg_lambda"], reg_batch=cfg["reg_batch"])
     else:
-        raise ValueError(f"config reg must be 'official' or 'paper', got {cfg['reg']!r}")
+        raise ResidualError(f"config reg must be 'official' or 'paper', got {cfg['reg']!r}")
     if cfg["delta_prompts"] == "templates":
         delta_prompts = [t.format(word) for t in TI_TEMPLATES]
     elif cfg["delta_prompts"] == "sentences":
         delta_prompts = sents if cfg["reg"] == "paper" else generate_sentences(
             word, cfg["num_sentences"], cfg["sentence_seed"])
     else:
-        raise ValueError(f"config delta_prompts must be 'templates' or 'sentences', got {cfg['delta_prompts']!r}")
+        raise ResidualError(f"config delta_prompts must be 'templates' or 'sentences', got {cfg['delta_prompts']!r}")
     # With remat, the frozen UNet's layers are recomputed in the backward pass into the encoder too:
     # its activations are most of a step's memory.
     unet = UNet2DConditionModel(sd.unet.config, dtype=sd.unet.dtype, remat=True) if remat else sd.unet
@@ -412,7 +410,7 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
     cfg = load_train_config(preset, config, dict(overrides or {}, **{k: v for k, v in explicit.items()
                                                                      if v is not None}))
     if resume and not checkpoint_dir:
-        raise ValueError("--resume needs --checkpoint-dir (where the checkpoints are)")
+        raise ResidualError("--resume needs --checkpoint-dir (where the checkpoints are)")
     setup = setup_residual(model_dir, images_dir, word, cfg=cfg, dtype=dtype, remat=remat, sentences=sentences)
 
     checkpointer = None

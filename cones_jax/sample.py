@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--show-layout", action="store_true", help="also write each image with the layout drawn on it")
     p.add_argument("--attention-maps", action="store_true", help="also write per-subject cross-attention heat maps")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--allow-pickle", action="store_true", help="allow importing official .pt residuals (pickle)")
     p.add_argument("--neurons", nargs="+", default=[], metavar="FILE.cones",
                    help="Cones concept-neuron files: the union of their neurons is shut (prompt with their identifiers)")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = generate(resolve_layout(args.layout), options(args))
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
-    return run_cli(job)
+    return run_cli(job, debug=args.debug)
 
 
 if __name__ == "__main__":

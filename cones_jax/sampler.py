@@ -25,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cones_jax.errors import GenerateError
 from cones_jax import artifacts, guidance, layout as layout_lib, sampling, schedulers
 from cones_jax.layout.draw import to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
-
-
-class GenerateError(ValueError):
-    """Bad input to layout sampling (one-line message; `sample.py` exits with code 2)."""
 
 
 @dataclasses.dataclass

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax.errors import ConfigError
+
 KINDS = ("ddim", "euler", "dpmpp_2m")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -87,11 +89,11 @@ class SchedulerConfig:
         for key, allowed in choices.items():
             value = getattr(self, key)
             if value not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"unsupported {key}={_short_repr(value)}; expected one of {allowed}"
                 )
         if int(self.num_train_timesteps) < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+            raise ConfigError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
@@ -104,7 +106,7 @@ class SchedulerConfig:
         """
         for key, required in _REQUIRED_VALUES.items():
             if key in d and d[key] != required:
-                raise ValueError(
+                raise ConfigError(
                     f"unsupported {key}={_short_repr(d[key])}; only {required!r} is implemented"
                 )
         # JSON may carry e.g. 1000.0 or 0/1 where the dataclass expects int/bool.
@@ -218,7 +220,7 @@ def training_target(
         return get_velocity(alphas_cumprod_T, x0, noise, t)
     if ptype == "sample":
         return x0
-    raise ValueError(f"unsupported prediction_type={ptype!r}; expected one of {PREDICTION_TYPES}")
+    raise ConfigError(f"unsupported prediction_type={ptype!r}; expected one of {PREDICTION_TYPES}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +324,7 @@ def _vp_scales_of_sigma(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_timesteps(ts: np.ndarray, num_train: int, kind: str) -> None:
     if ts.size == 0 or ts.min() < 0 or ts.max() > num_train - 1:
-        raise ValueError(
+        raise ConfigError(
             f"{kind} timesteps {ts.tolist()} fall outside [0, {num_train - 1}]; "
             "check num_steps, steps_offset and timestep_spacing"
         )
@@ -441,11 +443,11 @@ def make_schedule(kind: str, cfg: SchedulerConfig | Mapping[str, Any], num_steps
     can differ from ``num_steps`` (it uses a float-step ``arange``).
     """
     if kind not in KINDS:
-        raise ValueError(f"unsupported scheduler kind={kind!r}; expected one of {KINDS}")
+        raise ConfigError(f"unsupported scheduler kind={kind!r}; expected one of {KINDS}")
     cfg = _as_config(cfg)
     n = int(num_steps)
     if not 1 <= n <= cfg.num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
+        raise ConfigError(f"num_steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
     ac = alphas_cumprod(cfg)
     if kind == "ddim":
         tables = _ddim_tables(cfg, ac, n)

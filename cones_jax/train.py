@@ -46,6 +46,7 @@ def _residual_parser(sub) -> None:
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--import-official", metavar="PT", help="convert an official Cones-V2 residual.pt instead")
     p.add_argument("--allow-pickle", action="store_true", help="allow unpickling --import-official (trusted files)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
@@ -76,6 +77,7 @@ def _neurons_parser(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
 
 
@@ -100,6 +102,7 @@ def _joint_parser(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
 
 
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from cones_jax.cli import run_cli
 
     commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
-    return run_cli(lambda: commands[args.command](args))
+    return run_cli(lambda: commands[args.command](args), debug=args.debug)
 
 
 if __name__ == "__main__":

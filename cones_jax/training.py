@@ -33,15 +33,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cones_jax.errors import ConfigError, DataError, DivergedError
 from cones_jax.fileio import CheckpointError
 from cones_jax.schedulers import add_noise, training_target
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATA_AXIS = "data"
-
-
-class DataError(ValueError):
-    """Training data is missing or unreadable (one-line message)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,9 +111,9 @@ def load_images(folder: str, resolution: int, *, crop: str, multiple: int) -> li
     space (see `LatentCache`), so each image is encoded once.
     """
     if crop not in ("random", "center"):
-        raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+        raise ConfigError(f"crop must be 'random' or 'center', got {crop!r}")
     if resolution % multiple:
-        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
+        raise ConfigError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
     out = []
     for path in list_images(folder):
         img = resize_shorter_side(read_image(path), resolution, multiple)
@@ -358,7 +355,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.metadata = dict(metadata)
         if every < 1:
-            raise ValueError(f"checkpoint_every must be at least 1, got {every}")
+            raise ConfigError(f"checkpoint_every must be at least 1, got {every}")
         self.every = int(every)
         # Which steps are saved is decided here (`due`): orbax's own interval also saves the
         # first step it sees.
@@ -558,7 +555,7 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
     def record(step: int, metrics: dict) -> None:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss became {values['loss']} at step {step}; lower the learning rate")
+            raise DivergedError(f"loss became {values['loss']} at step {step}; lower the learning rate")
         history.append(values)
         rates = throughput_fields(*throughput(flops, len(history), time.perf_counter() - t0, peak))
         bar.set_postfix({**progress_fields(values), **rates}, refresh=False)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cones_jax.errors import ConfigError
 from cones_jax import convert, training
 from cones_jax.config import load_config, parse_overrides
 from cones_jax.demo import world
@@ -414,7 +415,7 @@ def warm_start(params: dict, sd) -> dict:
         want_flat, got_flat = convert.flatten(params[name]), convert.flatten(got[name])
         for k in sorted(set(want_flat) | set(got_flat)):
             if k not in got_flat or k not in want_flat or want_flat[k].shape != got_flat[k].shape:
-                raise ValueError(f"--init-from: {name} {'/'.join(k)} differs from this recipe's config; "
+                raise ConfigError(f"--init-from: {name} {'/'.join(k)} differs from this recipe's config; "
                                  "continue only from a folder this recipe exported")
     return jax.tree.map(lambda a, b: np.asarray(b, a.dtype), params, got)
 
@@ -452,7 +453,7 @@ def sitting_offset(workdir: str, init_from: str | None) -> int:
             sitting = json.load(f)
         if sitting["init_from"] != source:
             # its checkpoints would be restored over the --init-from weights without a word
-            raise ValueError(f"--workdir {workdir} holds a sitting that started from "
+            raise ConfigError(f"--workdir {workdir} holds a sitting that started from "
                              f"{sitting['init_from'] or 'scratch'}, not {source or 'scratch'}; resume it with the "
                              "same --init-from, or give a fresh --workdir")
         return int(sitting["prior_unet_steps"])
@@ -475,7 +476,7 @@ def check_workdir_recipe(workdir: str) -> None:
             got = json.load(f)
         odd = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
         if odd:
-            raise ValueError(f"--workdir {workdir} was made by another recipe ({', '.join(odd)} differ); "
+            raise ConfigError(f"--workdir {workdir} was made by another recipe ({', '.join(odd)} differ); "
                              "give a fresh --workdir (or --init-from an exported folder of this recipe)")
     elif any(os.path.exists(os.path.join(workdir, n)) for n in ("vae.safetensors", "ckpt_unet")):
         return  # made before workdirs recorded their recipe: nothing to compare against
@@ -518,7 +519,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         overrides = parse_overrides(args.set)
         fixed = [k for k in overrides if k in ARCHITECTURE_KEYS]
         if fixed:
-            raise ValueError(f"--set {fixed[0]}: fixed when this module is imported (the model's shapes); "
+            raise ConfigError(f"--set {fixed[0]}: fixed when this module is imported (the model's shapes); "
                              "edit cones_jax/configs/demo_base_model.py instead")
         recipe = RECIPE.override(overrides).override({k: v for k, v in vars(args).items()
                                                       if k in RECIPE and v is not None})

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cones_jax.errors import ConfigError
 from cones_jax import training
 from cones_jax.demo import detect, evaluate, world
 from cones_jax.models.vae import AutoencoderKL
@@ -116,7 +117,7 @@ def word_localization(sd, timesteps=(300, 600, 850), n: int = 32) -> dict[int, d
 def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
     """The uint8 grid described in the module docstring (v-prediction models only)."""
     if sd.scheduler.prediction_type != "v_prediction":
-        raise ValueError("diagnose reads v-prediction models (the demo recipe's)")
+        raise ConfigError("diagnose reads v-prediction models (the demo recipe's)")
     ac = np.asarray(alphas_cumprod(sd.scheduler), np.float64)
     things = [world.Thing(s, c, box=(18, 18, 46, 46)) for s, c in PROBES]
     renders = np.stack([world.render(world.Scene((t,), "grey", seed=i)) for i, t in enumerate(things)])

@@ -16,11 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cones_jax.errors import LayoutError
+
 DEFAULT_STRENGTH = 2.5  # γ⁺ of both Cones 2 presets
-
-
-class LayoutError(ValueError):
-    """A layout file or value is invalid; the one-line message names the field."""
 
 
 class LayoutWarning(UserWarning):
