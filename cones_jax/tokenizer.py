@@ -22,6 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from cones_jax.errors import ConfigError
 from cones_jax.fileio import CheckpointError, atomic_output
 
 BOS_TOKEN = "<|startoftext|>"
@@ -136,7 +137,7 @@ class ClipTokenizer:
         """Sub-word ids of a word or phrase, as they appear inside an encoded prompt (no start/end)."""
         ids = self._tokens([word])[0]
         if not ids:
-            raise ValueError(f"{word!r} tokenises to nothing; give a word with at least one letter, digit or symbol")
+            raise ConfigError(f"{word!r} tokenises to nothing; give a word with at least one letter, digit or symbol")
         return list(ids)
 
     def find_word(self, ids_row: Sequence[int], word: str) -> list[list[int]]:

@@ -136,7 +136,7 @@ def test_demo_layout_names_resolve_to_bundled_files():
     assert path == bundled.resolve_layout("demo:two_subjects.json") and path.endswith("two_subjects.json")
     assert layout_lib.load_layout(path, check_residuals=True).subjects[0].word == "star"
     assert bundled.resolve_layout("mine.json") == "mine.json"
-    with pytest.raises(FileNotFoundError, match="demo:two_subjects"):
+    with pytest.raises(layout_lib.LayoutError, match="demo:two_subjects"):
         bundled.resolve_layout("demo:nope")
 
 
