@@ -1,9 +1,9 @@
 """Cost of Cones 2 layout guidance, measured side by side in one run.
 
-    python benchmarks/layout_guidance.py --config sd21-base --resolution 512 --steps 4
+    python -m benchmarks.layout_guidance --config sd21-base --resolution 512 --steps 4
 
 Two measurements on random weights of the chosen architecture (SD UNet, VAE and text-tower
-configs from `cones_jax.bench`):
+configs from `benchmarks.common`):
   1. one UNet call on a CFG batch (2 x batch) without and with the Eq. 7 bias on every
      cross-attention layer: the per-call overhead of guidance (target <= 1.05);
   2. the whole jitted sampler (text encoding, loop, VAE decode) per image: unguided, guided with
@@ -21,14 +21,12 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import UNET_CONFIGS, random_pipeline, timed_rounds  # noqa: E402
 from cones_jax import generate as gen, guidance, sampling, schedulers  # noqa: E402
-from cones_jax.bench import UNET_CONFIGS, random_pipeline, timed_rounds  # noqa: E402
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 
 
@@ -56,7 +54,7 @@ def main(argv=None):
     p.add_argument("--skip-sampler", action="store_true")
     args = p.parse_args(argv)
     dtype = parse_dtype(args.dtype)
-    print(f"command: python benchmarks/layout_guidance.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"command: python -m benchmarks.layout_guidance {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax {jax.__version__}; "
           f"device {jax.devices()[0].platform}/{jax.devices()[0].device_kind}; host {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores")

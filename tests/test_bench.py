@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cones_jax import bench  # noqa: E402
+from benchmarks import bench  # noqa: E402
 
 
 def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "ratio torch/jax" in printed and "max abs diff" in printed
-    assert "python -m cones_jax.bench unet --config tiny" in printed
+    assert "python -m benchmarks.bench unet --config tiny" in printed
 
     assert json.loads(out_json.read_text())["rel_diff"] == pytest.approx(result["rel_diff"])
 
@@ -43,4 +43,4 @@ def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
     assert set(result["median_s"]) == {"recipe", "narrow"} and all(v > 0 for v in result["median_s"].values())
     assert result["params"]["narrow"] < result["params"]["recipe"]
     printed = capsys.readouterr().out
-    assert "python -m cones_jax.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed
+    assert "python -m benchmarks.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed
