@@ -53,7 +53,8 @@ import shlex
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Both frameworks share one accelerator: JAX must not grab most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -63,7 +64,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from cones_jax import generate as gen, guidance, layout as layout_lib, sampling  # noqa: E402
+from cones_jax import generate as gen  # noqa: E402
+from cones_jax import guidance, sampling
+from cones_jax import layout as layout_lib
 from cones_jax.config import load_config  # noqa: E402
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 from cones_jax.tokenizer import write_clip_tokenizer  # noqa: E402
@@ -87,7 +90,7 @@ GOAL_CONFIGS = ("sd21", "sd21-base")  # the goals are stated for SD 2.1 shapes
 class Goal:
     text: str
     sizes: dict  # the row sizes the goal is stated at
-    reached: Callable[["Row"], bool]
+    reached: Callable[[Row], bool]
 
 
 GOALS = {
@@ -105,24 +108,24 @@ class Row:
     key: str
     label: str
     unit: str
-    value: Optional[float] = None  # None: not measured, see `reason`
-    compile_s: Optional[float] = None
+    value: float | None = None  # None: not measured, see `reason`
+    compile_s: float | None = None
     sizes: dict = dataclasses.field(default_factory=dict)
     details: dict = dataclasses.field(default_factory=dict)
     reason: str = ""
     goal: str = ""
-    met: Optional[bool] = None
+    met: bool | None = None
     met_note: str = ""
 
 
-def peak_tflops(device_kind: str, half: bool) -> Optional[float]:
+def peak_tflops(device_kind: str, half: bool) -> float | None:
     for name, h, f in PEAK_TFLOPS:
         if name in device_kind:
             return h if half else f
     return None
 
 
-def flop_count(stage) -> Optional[float]:
+def flop_count(stage) -> float | None:
     """XLA's FLOP count of a lowered or compiled computation (jax returns a dict, or a list of one
     dict per program), or None where the backend gives none."""
     analysis = stage.cost_analysis()
@@ -132,7 +135,7 @@ def flop_count(stage) -> Optional[float]:
     return float(flops) if flops and flops > 0 else None
 
 
-def torch_target(args) -> tuple[Optional[str], str]:
+def torch_target(args) -> tuple[str | None, str]:
     """(torch device for the diffusers rows, or None and why not)."""
     if not args.torch:
         return None, "skipped (--no-torch)"
@@ -155,7 +158,7 @@ def torch_target(args) -> tuple[Optional[str], str]:
                   f"{'a' if torch.cuda.is_available() else 'no'} CUDA device (--torch-cpu runs it on the CPU)")
 
 
-def median_rows(fns: dict, rows: dict, warmup: int, rounds: int, per: Optional[dict] = None) -> None:
+def median_rows(fns: dict, rows: dict, warmup: int, rounds: int, per: dict | None = None) -> None:
     """Warms up and times `fns` in interleaved rounds; a row's value is its median seconds per call
     divided by `per[key]` (images per call), or their inverse for a steps/s row."""
     for fn in fns.values():
@@ -317,7 +320,7 @@ class Benchmark:
         fns, flops = {}, {}
         for name, dtype in (("bf16", jnp.bfloat16), ("fp32", jnp.float32)):
             key, unet = f"unet_{name}", sd32.unet.clone(dtype=dtype)
-            params = {"params": jax.tree_util.tree_map(lambda p: p.astype(dtype), sd32.params["unet"])}
+            params = {"params": jax.tree_util.tree_map(lambda p, d=dtype: p.astype(d), sd32.params["unet"])}
             common.log(f"compiling the UNet forward ({name}, batch {n}, {lat}x{lat} latents)")
             lowered = jax.jit(unet.apply).lower(params, x, t, c)
             t0 = time.perf_counter()
@@ -451,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if min(args.batches + [args.steps, args.unet_batch, args.iters, args.train_steps]) < 1 or args.warmup < 0:

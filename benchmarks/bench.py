@@ -29,13 +29,25 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from benchmarks.common import (CONTEXT_LEN, JAX_DTYPES, SETTLE_S, UNET_CONFIGS, device_description, fmt,
-                               format_table, host_description, load_avg, log, random_params, torch_dtype_for)
+from benchmarks.common import (
+    CONTEXT_LEN,
+    JAX_DTYPES,
+    SETTLE_S,
+    UNET_CONFIGS,
+    device_description,
+    fmt,
+    format_table,
+    host_description,
+    load_avg,
+    log,
+    random_params,
+    torch_dtype_for,
+)
 
 RESULT_KEYS = (
     "command", "date", "jax_version", "torch_version", "config", "batch", "latent", "dtype", "torch_dtype",
@@ -297,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # the commands' own CPU defaults, so the figures are what a user gets without typing flags

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,7 @@ def torch_dtype_for(dtype: str, torch_device: str):
     return torch.float16, ""
 
 
-def format_table(rows: Sequence[Sequence[str]], header: Optional[Sequence[str]] = None) -> str:
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:
     """A boxed text table of string cells, one column per cell of a row; `header` above a rule."""
     lines = ([list(header)] if header else []) + [list(r) for r in rows]
     widths = [max(len(r[c]) for r in lines) for c in range(len(lines[0]))]
@@ -136,7 +136,7 @@ def format_table(rows: Sequence[Sequence[str]], header: Optional[Sequence[str]] 
     return "\n".join(out)
 
 
-def fmt(x: Optional[float], spec: str) -> str:
+def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
@@ -217,8 +217,7 @@ def torch_to_jax(unet_t, text_t, vae_t=None, *, dtype=jnp.float32, remat: bool =
     """Our pipeline on the torch models' weights, converted tensor by tensor: UNet and VAE compute in
     and store `dtype`, the text encoder fp32; `remat` rematerialises UNet and text-encoder layers."""
     from cones_jax import convert
-    from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, \
-        text_encoder_shapes
+    from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, text_encoder_shapes
     from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
     from cones_jax.models.vae import AutoencoderKL, VAEConfig, vae_rename
     from cones_jax.pipeline import StableDiffusion

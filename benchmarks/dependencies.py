@@ -22,7 +22,7 @@ import re
 import statistics
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from benchmarks.common import format_table, host_description
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import UNET_CONFIGS, random_pipeline, timed_rounds  # noqa: E402
-from cones_jax import generate as gen, guidance, sampling, schedulers  # noqa: E402
+from cones_jax import generate as gen  # noqa: E402
+from cones_jax import guidance, sampling, schedulers
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 
 
@@ -56,12 +57,13 @@ def main(argv=None):
     dtype = parse_dtype(args.dtype)
     print(f"command: python -m benchmarks.layout_guidance {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax {jax.__version__}; "
-          f"device {jax.devices()[0].platform}/{jax.devices()[0].device_kind}; host {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores")
+          f"device {jax.devices()[0].platform}/{jax.devices()[0].device_kind}; "
+          f"host {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     sd = random_pipeline(args.config, dtype)
     factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     lat, b = args.resolution // factor, args.batch
-    g = guidance.LayoutGuidance(maps=layout_maps(sd, b, lat), weight=jnp.full((b,), 0.08), sigmas=jnp.full((args.steps,), 3.0))
+    g = guidance.LayoutGuidance(maps=layout_maps(sd, b, lat), weight=jnp.full((b,), 0.08),
+                                sigmas=jnp.full((args.steps,), 3.0))
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(2 * b, lat, lat, 4), dtype)
     t = jnp.full((2 * b,), 500.0)
@@ -70,8 +72,12 @@ def main(argv=None):
     plain = jax.jit(lambda p, x, t, c: sd.unet.apply({"params": p}, x, t, c))
     biased = jax.jit(lambda p, x, t, c, g: sd.unet.apply(
         {"params": p}, x, t, c, cross_attn_bias=lambda s, hw: guidance.layout_bias(s, hw, 0, g)))
-    t0 = time.perf_counter(); plain_c = plain.lower(sd.params["unet"], x, t, ctx).compile(); cp = time.perf_counter() - t0
-    t0 = time.perf_counter(); biased_c = biased.lower(sd.params["unet"], x, t, ctx, g).compile(); cb = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain_c = plain.lower(sd.params["unet"], x, t, ctx).compile()
+    cp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    biased_c = biased.lower(sd.params["unet"], x, t, ctx, g).compile()
+    cb = time.perf_counter() - t0
     print(f"UNet compile: unguided {cp:.1f} s, guided {cb:.1f} s")
     med = timed_rounds({"unguided": lambda: plain_c(sd.params["unet"], x, t, ctx),
                         "guided": lambda: biased_c(sd.params["unet"], x, t, ctx, g)}, args.rounds)
@@ -80,14 +86,15 @@ def main(argv=None):
     if args.skip_sampler:
         return
     ids = jnp.asarray(np.tile(np.arange(77, dtype=np.int32) % 500, (b, 1)))
-    common = dict(prompt_ids=ids, negative_ids=ids, token_residuals=jnp.zeros((b, 77, sd.text_encoder.config.hidden_size)),
+    width = sd.text_encoder.config.hidden_size
+    common = dict(prompt_ids=ids, negative_ids=ids, token_residuals=jnp.zeros((b, 77, width)),
                   noise=jnp.asarray(rs.randn(b, lat, lat, 4), jnp.float32), cfg_scale=jnp.float32(7.5),
                   renoise_keys=gen.renoise_keys(range(b)))
+    guided = sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))
     variants = {
         "unguided (ddim)": ("ddim", False, sampling.SampleInputs(**common)),
-        "guided, paper (ddim)": ("ddim", False, sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))),
-        "guided, official (euler + self-recurrence)": (
-            "euler", True, sampling.SampleInputs(**common, guidance=g, guided_steps=jnp.int32(args.steps))),
+        "guided, paper (ddim)": ("ddim", False, guided),
+        "guided, official (euler + self-recurrence)": ("euler", True, guided),
     }
     fns = {}
     for name, (kind, recur, inputs) in variants.items():

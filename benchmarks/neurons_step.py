@@ -25,9 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cones_jax import neurons, training  # noqa: E402
 from benchmarks.common import PREDICTION, TEXT_CONFIGS, torch_to_jax  # noqa: E402
 from benchmarks.train_step import JaxRunner, _log, alternate, build_models, report, torch_noised  # noqa: E402
+from cones_jax import neurons, training  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -42,6 +42,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import torch
+
     from cones_jax.models.vae import VAEConfig
     from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
@@ -83,7 +84,8 @@ def main(argv=None) -> dict:
     xi = {n: torch.ones_like(theta[n], requires_grad=True) for n in names}
     sgd = torch.optim.SGD(list(xi.values()), lr=args.rho)
     ac_t = torch.from_numpy(ac).to(tdev)
-    mean_t = torch.from_numpy(np.concatenate([batch["mean"], batch["prior_mean"]]).transpose(0, 3, 1, 2).copy()).to(tdev)
+    mean_np = np.concatenate([batch["mean"], batch["prior_mean"]]).transpose(0, 3, 1, 2).copy()
+    mean_t = torch.from_numpy(mean_np).to(tdev)
     std_t = torch.full_like(mean_t, 0.05)
     ctx_t = torch.from_numpy(np.repeat(ctx, b, axis=0)).to(tdev)
 

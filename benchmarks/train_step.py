@@ -31,9 +31,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (SETTLE_S, TEXT_CONFIGS, StepRunner as JaxRunner,  # noqa: E402
-                               residual_step_inputs, residual_train_step, torch_models as build_models,
-                               torch_to_jax)
+from benchmarks.common import SETTLE_S, TEXT_CONFIGS, residual_step_inputs, residual_train_step, torch_to_jax  # noqa: E402
+from benchmarks.common import StepRunner as JaxRunner
+from benchmarks.common import torch_models as build_models
 from cones_jax.models.vae import VAEConfig  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `python -m benchmarks.x` runs

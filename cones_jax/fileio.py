@@ -17,7 +17,7 @@ import pickle
 import struct
 import tempfile
 import zipfile
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
