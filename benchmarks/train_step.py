@@ -77,7 +77,7 @@ def torch_noised(mean_t, std_t, ac_t, prediction_type: str):
 
 
 def common_inputs(args):
-    """What both sides share (see `cones_jax.bench.residual_step_inputs`)."""
+    """What both sides share (see `benchmarks.common.residual_step_inputs`)."""
     return residual_step_inputs(args.config, args.resolution, args.batch)
 
 
