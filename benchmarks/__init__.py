@@ -1,2 +1,2 @@
-"""Benchmark scripts. Run from the repository root: `python -m benchmarks.accelerator` (the other
-scripts also as `python benchmarks/<name>.py`)."""
+"""Benchmarks, each run from the repository root as `python -m benchmarks.<name>`; `common` holds what
+they share (architectures, random-weight models, timing, tables)."""

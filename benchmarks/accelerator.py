@@ -5,10 +5,9 @@
         --batches 1 2 --steps 2 --unet-batch 2 --train-resolutions 64 32 --iters 3 --train-steps 3 --torch-cpu
                                                     # CPU smoke test (fp32: XLA:CPU compiles bf16 slowly)
 
-Run it from the repository root (`python -m` puts the root on sys.path); `python benchmarks/accelerator.py`
-is the same where cones_jax is installed (`pip install -e .`). It measures on whatever backend JAX has
-(one device), on random weights of one architecture (`--config`, default `sd21`: SD 2.1's UNet, VAE and
-OpenCLIP-H text tower, `cones_jax.bench`), UNet and VAE in `--dtype` (default bf16), text encoder fp32:
+Run from the repository root, as every benchmark. It measures on whatever backend JAX has (one device),
+on random weights of one architecture (`--config`, default `sd21`: SD 2.1's UNet, VAE and
+OpenCLIP-H text tower, `benchmarks.common`), UNet and VAE in `--dtype` (default bf16), text encoder fp32:
 
   paper_b{B}      Cones 2 paper preset (cones_jax/configs/cones2_paper.py: DDIM, `--steps` 50, every step layout-guided)
                   at `--resolution` 512 px for each batch B of `--batches` (1 8): seconds per image of the
@@ -28,7 +27,7 @@ OpenCLIP-H text tower, `cones_jax.bench`), UNet and VAE in `--dtype` (default bf
                   before optimisation, which should agree on GPU. Peaks: PEAK_TFLOPS; MFU is n/a elsewhere.
   unet_diffusers  diffusers' UNet, fp16, SDPA, the same call (TFLOP/s and MFU from our FLOP count).
   unet_speedup    diffusers fp16 seconds / ours bf16 seconds for that call.
-  train_{R}px     Cones 2 residual training (the project's step: cones_jax.bench.residual_train_step, the
+  train_{R}px     Cones 2 residual training (the project's step: benchmarks.common.residual_train_step, the
                   official recipe, batch 1, frozen UNet in `--dtype`, AdamW on the fp32 text encoder) at each
                   of `--train-resolutions` (768 512): steps per second, each step waited for as the training
                   loop does.
@@ -54,7 +53,8 @@ import shlex
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Both frameworks share one accelerator: JAX must not grab most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -63,14 +63,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-try:
-    from cones_jax import bench, layout as layout_lib, sampler as sampler_lib, sampling  # noqa: E402
-except ModuleNotFoundError as e:
-    if e.name != "cones_jax":
-        raise
-    # run as a script (the script's folder, not the root, is on sys.path) without the package installed
-    raise SystemExit("cones_jax is not importable: run from the repository root as "
-                     "`python -m benchmarks.accelerator`, or install the package (pip install -e .)") from None
+from benchmarks import common  # noqa: E402
+from cones_jax import guidance, sampling  # noqa: E402
+from cones_jax import layout as layout_lib  # noqa: E402
+from cones_jax import sampler as sampler_lib  # noqa: E402
 from cones_jax.config import load_config  # noqa: E402
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 from cones_jax.tokenizer import write_clip_tokenizer  # noqa: E402
@@ -94,7 +90,7 @@ GOAL_CONFIGS = ("sd21", "sd21-base")  # the goals are stated for SD 2.1 shapes
 class Goal:
     text: str
     sizes: dict  # the row sizes the goal is stated at
-    reached: Callable[["Row"], bool]
+    reached: Callable[[Row], bool]
 
 
 GOALS = {
@@ -112,24 +108,24 @@ class Row:
     key: str
     label: str
     unit: str
-    value: Optional[float] = None  # None: not measured, see `reason`
-    compile_s: Optional[float] = None
+    value: float | None = None  # None: not measured, see `reason`
+    compile_s: float | None = None
     sizes: dict = dataclasses.field(default_factory=dict)
     details: dict = dataclasses.field(default_factory=dict)
     reason: str = ""
     goal: str = ""
-    met: Optional[bool] = None
+    met: bool | None = None
     met_note: str = ""
 
 
-def peak_tflops(device_kind: str, half: bool) -> Optional[float]:
+def peak_tflops(device_kind: str, half: bool) -> float | None:
     for name, h, f in PEAK_TFLOPS:
         if name in device_kind:
             return h if half else f
     return None
 
 
-def flop_count(stage) -> Optional[float]:
+def flop_count(stage) -> float | None:
     """XLA's FLOP count of a lowered or compiled computation (jax returns a dict, or a list of one
     dict per program), or None where the backend gives none."""
     analysis = stage.cost_analysis()
@@ -139,7 +135,7 @@ def flop_count(stage) -> Optional[float]:
     return float(flops) if flops and flops > 0 else None
 
 
-def torch_target(args) -> tuple[Optional[str], str]:
+def torch_target(args) -> tuple[str | None, str]:
     """(torch device for the diffusers rows, or None and why not)."""
     if not args.torch:
         return None, "skipped (--no-torch)"
@@ -162,13 +158,13 @@ def torch_target(args) -> tuple[Optional[str], str]:
                   f"{'a' if torch.cuda.is_available() else 'no'} CUDA device (--torch-cpu runs it on the CPU)")
 
 
-def median_rows(fns: dict, rows: dict, warmup: int, rounds: int, per: Optional[dict] = None) -> None:
+def median_rows(fns: dict, rows: dict, warmup: int, rounds: int, per: dict | None = None) -> None:
     """Warms up and times `fns` in interleaved rounds; a row's value is its median seconds per call
     divided by `per[key]` (images per call), or their inverse for a steps/s row."""
     for fn in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
-    for key, seconds in bench.timed_rounds(fns, rounds).items():
+    for key, seconds in common.timed_rounds(fns, rounds).items():
         row = rows[key]
         row.details["median_s"] = seconds
         row.value = 1.0 / seconds if row.unit == "steps/s" else seconds / (per or {}).get(key, 1)
@@ -207,11 +203,11 @@ class Benchmark:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             torch.set_num_threads(os.cpu_count() or 1)
-            self.torch_dtype, self.torch_note = bench.torch_dtype_for("fp16", self.tdev)
-            bench.log(f"building diffusers/transformers {args.config} models (seed 0) and converting them")
-            unet_t, text_t = bench.torch_models(args.config)
-            vae_t = bench.torch_vae(args.config)
-            self.sd32 = bench.torch_to_jax(unet_t, text_t, vae_t, tokenizer=tok)
+            self.torch_dtype, self.torch_note = common.torch_dtype_for("fp16", self.tdev)
+            common.log(f"building diffusers/transformers {args.config} models (seed 0) and converting them")
+            unet_t, text_t = common.torch_models(args.config)
+            vae_t = common.torch_vae(args.config)
+            self.sd32 = common.torch_to_jax(unet_t, text_t, vae_t, tokenizer=tok)
             for m in (unet_t, vae_t):
                 m.set_attn_processor(AttnProcessor2_0())  # SDPA, whatever the diffusers default
             self.torch_models = {k: m.to(self.tdev, self.torch_dtype).eval()
@@ -219,9 +215,9 @@ class Benchmark:
             self.torch_tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"),
                                                                               local_files_only=True)
         else:
-            bench.log(f"random {args.config} weights drawn on the host (diffusers rows: {self.torch_reason})")
-            self.sd32 = bench.random_pipeline(args.config, tokenizer=tok)
-        self.sd = bench.with_dtype(self.sd32, self.dtype)
+            common.log(f"random {args.config} weights drawn on the host (diffusers rows: {self.torch_reason})")
+            self.sd32 = common.random_pipeline(args.config, tokenizer=tok)
+        self.sd = common.with_dtype(self.sd32, self.dtype)
         self.layout = layout_lib.parse_layout(LAYOUT, ".", "<benchmark layout>")
 
     def add(self, row: Row) -> Row:
@@ -278,13 +274,13 @@ class Benchmark:
         labels = {"paper": "Cones 2 paper preset (DDIM, all steps guided)",
                   "official": "Cones 2 official preset (Euler + self-recurrence)"}
         for key, preset, res, b in todo:
-            bench.log(f"compiling the sampler: {key} ({res} px, batch {b}, {a.steps} steps, {a.dtype})")
+            common.log(f"compiling the sampler: {key} ({res} px, batch {b}, {a.steps} steps, {a.dtype})")
             samplers[key] = self.sampler(preset, res, b)
             fns[key], per[key] = samplers[key].call, b
             self.add(Row(key, f"{labels[preset]}, {a.steps} steps, {res} px, batch {b}", "s/img",
                          compile_s=samplers[key].compile_s, sizes=dict(resolution=res, batch=b, steps=a.steps)))
         # Plain text-to-image, as diffusers runs it: no bias hook, so no attention needs its scores.
-        bench.log(f"compiling the sampler: t2i_jax ({a.resolution} px, batch 1, {a.steps} steps, {a.dtype})")
+        common.log(f"compiling the sampler: t2i_jax ({a.resolution} px, batch 1, {a.steps} steps, {a.dtype})")
         t2i = self.sampler("paper", a.resolution, 1, guided=False)
         fns["t2i_jax"], per["t2i_jax"] = t2i.call, 1
         sizes = dict(resolution=a.resolution, batch=1, steps=a.steps)
@@ -297,7 +293,7 @@ class Benchmark:
                          details={"torch_dtype_note": self.torch_note}))
         else:
             self.na("t2i_diffusers", label, "s/img", self.torch_reason, sizes)
-        bench.log(f"timing {len(fns)} samplers: {a.warmup} warmup + {a.iters} timed round(s)")
+        common.log(f"timing {len(fns)} samplers: {a.warmup} warmup + {a.iters} timed round(s)")
         median_rows(fns, self.rows, a.warmup, a.iters, per)
 
     def torch_label(self) -> str:
@@ -311,15 +307,15 @@ class Benchmark:
         rng = np.random.default_rng(0)
         x_np = rng.standard_normal((n, lat, lat, sd32.unet.config.in_channels), dtype=np.float32)
         t_np = rng.uniform(0, 1000, size=(n,)).astype(np.float32)
-        c_np = rng.standard_normal((n, bench.CONTEXT_LEN, sd32.unet.config.cross_attention_dim), dtype=np.float32)
+        c_np = rng.standard_normal((n, common.CONTEXT_LEN, sd32.unet.config.cross_attention_dim), dtype=np.float32)
         x, t, c = jax.device_put(x_np), jax.device_put(t_np), jax.device_put(c_np)
         sizes = dict(resolution=a.resolution, batch=n)
         kind = jax.devices()[0].device_kind
         fns, flops = {}, {}
         for name, dtype in (("bf16", jnp.bfloat16), ("fp32", jnp.float32)):
             key, unet = f"unet_{name}", sd32.unet.clone(dtype=dtype)
-            params = {"params": jax.tree_util.tree_map(lambda p: p.astype(dtype), sd32.params["unet"])}
-            bench.log(f"compiling the UNet forward ({name}, batch {n}, {lat}x{lat} latents)")
+            params = {"params": jax.tree_util.tree_map(lambda p, d=dtype: p.astype(d), sd32.params["unet"])}
+            common.log(f"compiling the UNet forward ({name}, batch {n}, {lat}x{lat} latents)")
             lowered = jax.jit(unet.apply).lower(params, x, t, c)
             t0 = time.perf_counter()
             compiled = lowered.compile()
@@ -352,7 +348,7 @@ class Benchmark:
                                       peak_tflops=peak_tflops(kind, half=self.torch_dtype != torch.float32))))
         else:
             self.na("unet_diffusers", label, "s/call", self.torch_reason, sizes)
-        bench.log(f"timing {len(fns)} UNet calls: {a.warmup} warmup + {a.iters} timed round(s)")
+        common.log(f"timing {len(fns)} UNet calls: {a.warmup} warmup + {a.iters} timed round(s)")
         median_rows(fns, self.rows, a.warmup, a.iters)
         for key in fns:
             d = self.rows[key].details
@@ -373,13 +369,13 @@ class Benchmark:
         fns = {}
         for res in a.train_resolutions:
             key = f"train_{res}px"
-            bench.log(f"compiling the residual training step ({res} px, batch 1, frozen UNet {a.dtype})")
-            inp = bench.residual_step_inputs(a.config, res, 1)
-            step, state = bench.residual_train_step(self.sd, inp)
-            fns[key] = bench.StepRunner(step, state, inp["batch"])
+            common.log(f"compiling the residual training step ({res} px, batch 1, frozen UNet {a.dtype})")
+            inp = common.residual_step_inputs(a.config, res, 1)
+            step, state = common.residual_train_step(self.sd, inp)
+            fns[key] = common.StepRunner(step, state, inp["batch"])
             self.add(Row(key, f"Cones 2 residual training, {res} px, batch 1, frozen UNet {a.dtype}", "steps/s",
                          compile_s=step.compile_seconds, sizes=dict(resolution=res, batch=1)))
-        bench.log(f"timing {len(fns)} training steps: {a.warmup} warmup + {a.train_steps} timed round(s)")
+        common.log(f"timing {len(fns)} training steps: {a.warmup} warmup + {a.train_steps} timed round(s)")
         median_rows(fns, self.rows, a.warmup, a.train_steps)
         for key in fns:
             self.rows[key].details["minutes_for_4000_steps"] = 4000 / self.rows[key].value / 60
@@ -423,14 +419,14 @@ def met_text(row: Row) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    return bench.format_table([(r.key, r.label, measured_text(r), bench.fmt(r.compile_s, ".1f"), r.goal,
+    return common.format_table([(r.key, r.label, measured_text(r), common.fmt(r.compile_s, ".1f"), r.goal,
                                 met_text(r)) for r in rows],
                               header=("row", "what", "measured", "compile s", "goal", "met"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accelerator", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="sd21", choices=sorted(bench.UNET_CONFIGS),
+    p.add_argument("--config", default="sd21", choices=sorted(common.UNET_CONFIGS),
                    help="architecture of the random weights (default sd21; tiny for a CPU smoke test)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="UNet and VAE dtype of the sampler and training rows")
@@ -452,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if min(args.batches + [args.steps, args.unet_batch, args.iters, args.train_steps]) < 1 or args.warmup < 0:
@@ -461,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--batches and --train-resolutions must not repeat a value (each names a row)")
     command = shlex.join(["python", "-m", "benchmarks.accelerator", *argv])
     device = jax.devices()[0]
-    load_start = bench.load_avg()
+    load_start = common.load_avg()
     print(f"command: {command}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         b = Benchmark(args, tmp)
@@ -477,8 +473,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch_version = None
     result = dict(
         command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), jax_version=jax.__version__,
-        torch_version=torch_version, platform=device.platform, device=bench.device_description(),
-        device_kind=device.device_kind, host=bench.host_description(), load_avg=f"{load_start} -> {bench.load_avg()}",
+        torch_version=torch_version, platform=device.platform, device=common.device_description(),
+        device_kind=device.device_kind, host=common.host_description(), load_avg=f"{load_start} -> {common.load_avg()}",
         xla_flags=os.environ.get("XLA_FLAGS", ""), config=args.config, dtype=args.dtype,
         torch_device=b.tdev, torch_reason=b.torch_reason, args=vars(args), rows=[dataclasses.asdict(r) for r in rows])
     result["table"] = table(rows)
@@ -492,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-        bench.log(f"results written to {args.json}")
+        common.log(f"results written to {args.json}")
     return result
 
 

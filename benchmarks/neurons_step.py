@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Cones concept-neuron search step (Alg. A2): ours (JAX, jitted) against the same step in PyTorch.
 
-    python benchmarks/neurons_step.py --config sd15 --batch 2 --resolution 512 --iters 3   # paper setting
-    python benchmarks/neurons_step.py --config tiny --resolution 64 --iters 3              # smoke test
+    python -m benchmarks.neurons_step --config sd15 --batch 2 --resolution 512 --iters 3   # paper setting
+    python -m benchmarks.neurons_step --config tiny --resolution 64 --iters 3              # smoke test
 
 Both frameworks run the same random diffusers UNet (seed 0, converted into our params) and the same
 step: the to_k/to_v kernels of every cross-attention reparametrised as ξ⊙θ, L_con = L_sub + L_pr
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -26,13 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+from benchmarks.common import PREDICTION, TEXT_CONFIGS, torch_to_jax  # noqa: E402
+from benchmarks.train_step import JaxRunner, _log, alternate, build_models, report, torch_noised  # noqa: E402
 from cones_jax import neurons, training  # noqa: E402
-from cones_jax.bench import torch_to_jax  # noqa: E402
-from train_step import (PREDICTION, TEXT_CONFIGS, JaxRunner, _log, alternate, build_models, report,  # noqa: E402
-                        torch_noised)
 
 
 def main(argv=None) -> dict:
@@ -47,6 +42,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import torch
+
     from cones_jax.models.vae import VAEConfig
     from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
 
@@ -88,7 +84,8 @@ def main(argv=None) -> dict:
     xi = {n: torch.ones_like(theta[n], requires_grad=True) for n in names}
     sgd = torch.optim.SGD(list(xi.values()), lr=args.rho)
     ac_t = torch.from_numpy(ac).to(tdev)
-    mean_t = torch.from_numpy(np.concatenate([batch["mean"], batch["prior_mean"]]).transpose(0, 3, 1, 2).copy()).to(tdev)
+    mean_np = np.concatenate([batch["mean"], batch["prior_mean"]]).transpose(0, 3, 1, 2).copy()
+    mean_t = torch.from_numpy(mean_np).to(tdev)
     std_t = torch.full_like(mean_t, 0.05)
     ctx_t = torch.from_numpy(np.repeat(ctx, b, axis=0)).to(tdev)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Cones 2 residual training step: ours (JAX, jitted, AOT-compiled) against the same step in PyTorch.
 
-    python benchmarks/train_step.py --config sd21 --batch 1 --resolution 768 --iters 20   # official setting
-    python benchmarks/train_step.py --config tiny --resolution 64 --iters 3               # smoke test (CPU)
-    python benchmarks/train_step.py --config sd21-base --resolution 512 --separate        # one framework at a time
+    python -m benchmarks.train_step --config sd21 --batch 1 --resolution 768 --iters 20   # official setting
+    python -m benchmarks.train_step --config tiny --resolution 64 --iters 3               # smoke test (CPU)
+    python -m benchmarks.train_step --config sd21-base --resolution 512 --separate        # one framework at a time
 
 Both frameworks run the same random weights (diffusers UNet2DConditionModel + transformers CLIPTextModel,
 seed 0, converted tensor by tensor into our params), the same config (AdamW lr 5e-6, betas (0.9, 0.999),
@@ -31,13 +31,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cones_jax.bench import (PREDICTION, TEXT_CONFIGS, StepRunner as JaxRunner, residual_step_inputs,  # noqa: E402
-                              residual_train_step, torch_models as build_models, torch_to_jax)
+from benchmarks.common import SETTLE_S, TEXT_CONFIGS, residual_step_inputs, residual_train_step, torch_to_jax  # noqa: E402
+from benchmarks.common import StepRunner as JaxRunner
+from benchmarks.common import torch_models as build_models
 from cones_jax.models.vae import VAEConfig  # noqa: E402
 
-SETTLE_S = 0.5  # lets the other framework's worker threads park before a timed call (see cones_jax.bench)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `python -m benchmarks.x` runs
 
 
 def _log(msg: str) -> None:
@@ -78,7 +77,7 @@ def torch_noised(mean_t, std_t, ac_t, prediction_type: str):
 
 
 def common_inputs(args):
-    """What both sides share (see `cones_jax.bench.residual_step_inputs`)."""
+    """What both sides share (see `benchmarks.common.residual_step_inputs`)."""
     return residual_step_inputs(args.config, args.resolution, args.batch)
 
 
@@ -179,7 +178,7 @@ def run_separately(args, argv) -> dict:
             path = os.path.join(tmp, "phase.json")
             child = [a for a in argv if a != "--separate"] + ["--phase", phase, "--json", path]
             _log(f"{phase} alone in a child process")
-            subprocess.run([sys.executable, os.path.abspath(__file__)] + child, check=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.train_step"] + child, check=True, cwd=_ROOT)
             with open(path) as f:
                 phases[phase] = json.load(f)
     return phases

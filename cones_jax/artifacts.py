@@ -40,7 +40,7 @@ import zlib
 import numpy as np
 
 from cones_jax.errors import ArtifactError, NeuronsError, NeuronsFileError
-from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle, save_safetensors
+from cones_jax.fileio import CheckpointError, load_safetensors, read_torch_tensor, refuse_pickle, save_safetensors
 
 RESIDUAL_FORMAT = "cones_jax.residual"
 NEURONS_FORMAT = "cones_jax.neurons"
@@ -73,14 +73,9 @@ def save_residual(path: str, residual: Residual, extra: dict | None = None) -> N
 
 def _load_official_pt(path: str) -> np.ndarray:
     try:
-        import torch
-    except ImportError:
-        raise ArtifactError(f"{path}: importing an official .pt residual needs PyTorch; "
-                            "`pip install torch` or convert it where PyTorch is installed") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not hasattr(obj, "numpy"):
-        raise ArtifactError(f"{path}: expected a bare tensor (the official Cones-V2 residual format)")
-    return obj.detach().float().numpy().reshape(1, -1)
+        return read_torch_tensor(path).astype(np.float32).reshape(1, -1)
+    except CheckpointError as e:
+        raise ArtifactError(f"{e} (the official Cones-V2 residual format is a bare tensor)") from None
 
 
 def load_residual(path: str, *, word: str | None = None, dim: int | None = None, text_encoder: str | None = None,

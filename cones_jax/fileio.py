@@ -8,12 +8,16 @@ Tensors are memory-mapped: reading a 3 GB checkpoint does not first copy it into
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import os
+import pickle
 import struct
 import tempfile
-from typing import Iterator, Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -153,6 +157,66 @@ def refuse_pickle(path: str | os.PathLike, allow_pickle: bool, alternative: str)
         raise CheckpointError(
             f"{os.fspath(path)} is a pickle file, which can run arbitrary code when loaded; "
             f"use {alternative} instead, or pass allow_pickle=True (--allow-pickle) if you trust it")
+
+
+_TORCH_STORAGES = {"DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2", "LongStorage": "<i8",
+                   "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1",
+                   "BoolStorage": "?", "BFloat16Storage": ml_dtypes.bfloat16}
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_) -> np.ndarray:
+    strides = [s * storage.itemsize for s in stride]
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=strides).copy()
+
+
+def read_torch_tensor(path: str | os.PathLike) -> np.ndarray:
+    """The tensor of a file written by `torch.save(tensor)` (its zip format), read without PyTorch.
+
+    The pickle inside is read by an unpickler that resolves only the names such a file uses (the
+    tensor rebuild function, storage types, OrderedDict): a file holding anything else is refused,
+    never run.
+    """
+    path = os.fspath(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a PyTorch file in the zip format of torch.save since 1.6 ({e}); "
+                              "re-save it with torch.save") from None
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: not a torch.save file (no single data.pkl inside)")
+        prefix = pickles[0][:-len("data.pkl")]
+        if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
+            raise CheckpointError(f"{path}: big-endian tensors are not supported")
+
+        class TensorUnpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str):
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return _rebuild_tensor
+                if module == "torch" and name in _TORCH_STORAGES:
+                    return np.dtype(_TORCH_STORAGES[name])
+                if (module, name) == ("collections", "OrderedDict"):
+                    return collections.OrderedDict
+                raise CheckpointError(f"{path}: holds {module}.{name}; only a bare tensor is read")
+
+            def persistent_load(self, pid):
+                _, dtype, key, _, numel = pid
+                try:
+                    raw = archive.read(f"{prefix}data/{key}")
+                except KeyError:
+                    raise CheckpointError(f"{path}: storage {key} is missing; the file is corrupt") from None
+                return np.frombuffer(raw, dtype=dtype, count=int(numel))
+
+        try:
+            value = TensorUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: corrupt torch.save file ({e})") from None
+    if not isinstance(value, np.ndarray):
+        raise CheckpointError(f"{path}: expected a bare tensor, found {type(value).__name__}")
+    return value
 
 
 CACHE_ENV = "CONES_JAX_CACHE"

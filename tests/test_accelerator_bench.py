@@ -1,25 +1,11 @@
 """benchmarks/accelerator.py runs end to end on the CPU (tiny config, smallest sizes) and reports every row;
 its goal column judges only what the goals are stated for."""
 
-import importlib.util
 import json
 import math
-import os
-import sys
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_accelerator():
-    """The script as a module; `benchmarks` is not an installed package, so it is loaded by path."""
-    name = "benchmarks_accelerator"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "accelerator.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up while being created
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from benchmarks import accelerator as acc
 
 
 def positive(x) -> bool:
@@ -27,7 +13,6 @@ def positive(x) -> bool:
 
 
 def test_accelerator_benchmark_tiny_has_every_row(tmp_path, capsys):
-    acc = load_accelerator()
     out = tmp_path / "accelerator.json"
     # fp32 sampler and training rows: XLA:CPU compiles bf16 programs several times slower, and
     # compiling is most of this test's time
@@ -66,7 +51,6 @@ def test_accelerator_benchmark_tiny_has_every_row(tmp_path, capsys):
 
 
 def test_goals_are_judged_on_a_gpu_at_their_sizes_only():
-    acc = load_accelerator()
     rows = {
         "paper_b8": acc.Row("paper_b8", "", "s/img", value=0.25, sizes=dict(resolution=512, batch=8, steps=50)),
         "official": acc.Row("official", "", "s/img", value=1.5, sizes=dict(resolution=768, batch=1, steps=50)),

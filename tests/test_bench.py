@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cones_jax import bench  # noqa: E402
+from benchmarks import bench  # noqa: E402
 
 
 def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
@@ -29,18 +29,25 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "ratio torch/jax" in printed and "max abs diff" in printed
-    assert "python -m cones_jax.bench unet --config tiny" in printed
+    assert "python -m benchmarks.bench unet --config tiny" in printed
 
     assert json.loads(out_json.read_text())["rel_diff"] == pytest.approx(result["rel_diff"])
 
 
 def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
-    # the recipe against one small variant (with the grounding loss), so the test compiles two steps,
-    # not the real variants' sizes
-    narrow = dict(unet=dict(block_out_channels=[8, 16, 32]), grounding_weight=0.05)
+    # A smoke test: the smallest recipe (two levels, cross-attention at 4², 8² latents) against one
+    # narrower variant with the grounding loss, so the test compiles two small steps; the real
+    # recipe and variants are for `python -m benchmarks.bench demo-step`.
+    from cones_jax.demo import base_model
+
+    small = dict(sample_size=8, block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[4, 4])
+    for key, value in small.items():
+        monkeypatch.setitem(base_model.UNET, key, value)
+    narrow = dict(unet=dict(block_out_channels=[8, 16]), grounding_weight=0.05)
     monkeypatch.setattr(bench, "DEMO_VARIANTS", {"recipe": {}, "narrow": narrow})
     result = bench.main(["demo-step", "--batch", "1", "--iters", "1"])
     assert set(result["median_s"]) == {"recipe", "narrow"} and all(v > 0 for v in result["median_s"].values())
     assert result["params"]["narrow"] < result["params"]["recipe"]
     printed = capsys.readouterr().out
-    assert "python -m cones_jax.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed
+    assert "python -m benchmarks.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed

@@ -56,9 +56,10 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     vae = base_model.vae_module()
 
     def noisy(params, seed):  # random everywhere (zero-initialised biases too), so a wrong key shows
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-        return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        # drawn on the host: jax.random would compile one kernel per tensor shape (minutes on a small CPU)
+        rng = np.random.default_rng(seed)
+        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32)),
+                            params)
 
     inputs = base_model.init_inputs()
     tp = noisy(base_model.init_params(text, *inputs["text_encoder"], seed=0), 1)
@@ -74,20 +75,21 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     # --init-from: a later run continues from exactly the exported weights
     from cones_jax.pipeline import load_pipeline
 
-    warm = base_model.warm_start({"text_encoder": tp, "unet": up}, load_pipeline(out))
+    sd = load_pipeline(out)  # loaded once: each diagnostic below only reads it
+    warm = base_model.warm_start({"text_encoder": tp, "unet": up}, sd)
     for got, want in ((warm["unet"], up), (warm["text_encoder"], tp)):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), got, want)
     # the training diagnostic reads an exported folder
     from cones_jax.demo import diagnose
 
     rows = 1 + len(diagnose.X0_TIMESTEPS) + 2 * len(diagnose.DDIM_STARTS)
-    assert diagnose.probe_grid(load_pipeline(out)).shape == (rows * 64, len(diagnose.PROBES) * 64, 3)
-    rise = diagnose.caption_sensitivity(load_pipeline(out), timesteps=(850,), draws=1)
+    # a coarse DDIM stride: the grid's layout is what is checked here, not how well it denoises
+    assert diagnose.probe_grid(sd, ddim_stride=250).shape == (rows * 64, len(diagnose.PROBES) * 64, 3)
+    rise = diagnose.caption_sensitivity(sd, timesteps=(850,), draws=1)
     assert set(rise) == {850} and all(np.isfinite(v) for v in rise[850].values())
     assert rise[850]["colour"] != 0.0  # random weights read every word a little
     # with every cross-attention key zeroed, a word's attention is the same at every pixel, so the
     # share on its object is the object's area: the diagnostic's baseline
-    sd = load_pipeline(out)
     flat = convert.flatten(sd.params["unet"])
     blind = dataclasses.replace(sd, params=dict(sd.params, unet=convert.unflatten(
         {k: np.zeros_like(v) if "attn2" in k and "to_k" in k else v for k, v in flat.items()})))
@@ -98,7 +100,7 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     assert loc["shape"] != pytest.approx(loc["area"], rel=1e-3), loc  # a model that sees the text is not blind
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
-                              load_pipeline(out))
+                              sd)
     # a recipe that does not fit the folder stops before any work
     monkeypatch.setitem(base_model.UNET, "block_out_channels", [32, 64, 64])
     work = str(tmp_path / "run")

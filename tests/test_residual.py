@@ -414,11 +414,7 @@ def test_cli_import_official(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_train_step_benchmark_tiny():
     """benchmarks/train_step.py runs end to end on the tiny config (full-size configs are for a GPU)."""
-    import importlib.util
+    from benchmarks import train_step as bench
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "train_step.py")
-    spec = importlib.util.spec_from_file_location("train_step_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     result = bench.main(["--config", "tiny", "--resolution", "64", "--iters", "2", "--warmup", "1"])
     assert result["jax_median_s"] > 0 and result["torch_median_s"] > 0 and result["ratio_torch_over_jax"] > 0
