@@ -64,9 +64,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from cones_jax import guidance, sampling  # noqa: E402
 from cones_jax import layout as layout_lib  # noqa: E402
 from cones_jax import sampler as sampler_lib  # noqa: E402
+from cones_jax import sampling  # noqa: E402
 from cones_jax.config import load_config  # noqa: E402
 from cones_jax.pipeline import parse_dtype  # noqa: E402
 from cones_jax.tokenizer import write_clip_tokenizer  # noqa: E402

@@ -24,7 +24,6 @@ import numpy as np
 
 from cones_jax.errors import CheckpointError
 
-
 _DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),

@@ -6,7 +6,7 @@ residual set or layout at the same shapes never recompiles.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax
 import jax

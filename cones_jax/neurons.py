@@ -27,7 +27,8 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,16 @@ import numpy as np
 import optax
 
 from cones_jax import training
-from cones_jax.artifacts import (NEURONS_FORMAT, ConceptNeurons, NeuronsError, check_indices,  # noqa: F401
-                                 decode_indices, encode_indices, load_neurons, save_neurons)
+from cones_jax.artifacts import (  # noqa: F401
+    NEURONS_FORMAT,
+    ConceptNeurons,
+    NeuronsError,
+    check_indices,
+    decode_indices,
+    encode_indices,
+    load_neurons,
+    save_neurons,
+)
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
 from cones_jax.models.vae import scale_latents

@@ -17,9 +17,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cones_jax.errors import ConfigError
 from cones_jax import weights
 from cones_jax.convert import Fingerprint, flatten
+from cones_jax.errors import ConfigError
 from cones_jax.fileio import CheckpointError
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, text_encoder_shapes
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig

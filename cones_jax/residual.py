@@ -21,15 +21,16 @@ import itertools
 import os
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cones_jax.errors import ResidualError
 from cones_jax import artifacts, training
 from cones_jax.config import load_config
+from cones_jax.errors import ResidualError
 from cones_jax.models.clip_text import CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
@@ -114,7 +115,7 @@ def read_sentences(path: str, word: str, tokenizer) -> list[str]:
 def subject_rows(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
     """[P, n] positions of the first occurrence of `word`'s sub-words in each encoded prompt."""
     rows = []
-    for p, row in enumerate(ids_PxL):
+    for _p, row in enumerate(ids_PxL):
         found = tokenizer.find_word(row, word)
         if not found:
             raise ResidualError(f"prompt {tokenizer.decode(row)!r} does not contain {word!r} within the token limit")

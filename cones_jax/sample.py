@@ -3,7 +3,8 @@
 
     python sample.py --layout examples/layouts/two_subjects.json                 # the bundled demo model
     cones-jax-sample --layout demo:two_subjects                                  # the same, installed
-    python sample.py --layout examples/layouts/stable_diffusion/two_subjects.json --model /models/sd21-base --seeds 0 1 2 3
+    python sample.py --layout examples/layouts/stable_diffusion/two_subjects.json --model /models/sd21-base \
+        --seeds 0 1 2 3
     python sample.py --layout demo:two_subjects --preset paper --set guidance_steps=25 --set weight_positive=3
 
 Config values: preset < layout file < flags. `--set key=value` overrides any key of the preset
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--steps", type=int, help="sampling steps (= --set steps=N)")
-    p.add_argument("--preset", default="official", help="official | paper | a preset of cones_jax/configs | a .py config file")
+    p.add_argument("--preset", default="official",
+                   help="official | paper | a preset of cones_jax/configs | a .py config file")
     p.add_argument("--scheduler", choices=["ddim", "euler", "dpmpp_2m"], help="(= --set scheduler=NAME)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (= --set cfg_scale=X)")
     p.add_argument("--negative-prompt")
@@ -43,8 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--allow-pickle", action="store_true", help="allow importing official .pt residuals (pickle)")
     p.add_argument("--neurons", nargs="+", default=[], metavar="FILE.cones",
-                   help="Cones concept-neuron files: the union of their neurons is shut (prompt with their identifiers)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset value, type-checked (repeatable)")
+                   help="Cones concept-neuron files: the union of their neurons is shut "
+                        "(prompt with their identifiers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, type-checked (repeatable)")
     return p.parse_args(argv)
 
 

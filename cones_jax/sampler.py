@@ -18,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from cones_jax import artifacts, guidance, sampling, schedulers
+from cones_jax import layout as layout_lib
 from cones_jax.errors import GenerateError
-from cones_jax import artifacts, guidance, layout as layout_lib, sampling, schedulers
 from cones_jax.layout.draw import to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
 
@@ -328,7 +331,7 @@ class LayoutSampler:
             images.extend(to_uint8(np.asarray(pixels))[:real])
             if maps is not None:
                 maps = jax.device_get(maps)
-                attention.extend(jax.tree_util.tree_map(lambda m: m[k], maps) for k in range(real))
+                attention.extend(jax.tree_util.tree_map(lambda m, k=k: m[k], maps) for k in range(real))
             if on_batch is not None:
                 on_batch(real)
         seconds = time.perf_counter() - t0

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -78,8 +79,8 @@ def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
     return x_Bx2x[:, 0], x_Bx2x[:, 1]
 
 
-def make_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn] = None, *, debug: bool = False,
-                 on_step: Optional[Callable[[int], None]] = None):
+def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, debug: bool = False,
+                 on_step: Callable[[int], None] | None = None):
     """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
 
     `sd` is a `cones_jax.pipeline.StableDiffusion`; `params` its params dict. With `debug`, the
@@ -200,8 +201,8 @@ def _signature(tree) -> tuple:
     return (treedef,) + tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
-def compile_sampler(sd, spec: SamplerSpec, bias_fn: Optional[StepBiasFn], params, schedule: schedulers.Schedule,
-                    inputs: SampleInputs, *, on_step: Optional[Callable[[int], None]] = None) -> CompiledSampler:
+def compile_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None, params, schedule: schedulers.Schedule,
+                    inputs: SampleInputs, *, on_step: Callable[[int], None] | None = None) -> CompiledSampler:
     """The sampler for these arguments' shapes and shardings, compiled ahead of time.
 
     Kept per model (on `sd.compiled`) by spec, bias function, step callback, attention kernel and

@@ -41,7 +41,8 @@ def _residual_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="frozen UNet/VAE params and compute (the trained encoder stays fp32)")
-    p.add_argument("--remat", action="store_true", help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
+    p.add_argument("--remat", action="store_true",
+                   help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
     p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     p.add_argument("--overwrite", action="store_true")
@@ -49,7 +50,8 @@ def _residual_parser(sub) -> None:
     p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--import-official", metavar="PT", help="convert an official Cones-V2 residual.pt instead")
     p.add_argument("--allow-pickle", action="store_true", help="allow unpickling --import-official (trusted files)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, type-checked (repeatable)")
 
 
 def _neurons_parser(sub) -> None:
@@ -61,8 +63,8 @@ def _neurons_parser(sub) -> None:
     p.add_argument("--class", dest="class_word", required=True, help="the subject's class word, e.g. dog")
     p.add_argument("--out", required=True, help="concept-neuron file to write (.cones)")
     p.add_argument("--identifier", help="rare token V* of the prompt 'photo of a V* dog' (default: sks)")
-    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; cones1_train_demo for the "
-                                    "demo model) or a .py file with get_config()")
+    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; "
+                                    "cones1_train_demo for the demo model) or a .py file with get_config()")
     p.add_argument("--steps", type=int, help="K, steps of gradient descent on ξ")
     p.add_argument("--rho", type=float, help="learning rate ρ of that descent")
     sel = p.add_mutually_exclusive_group()
@@ -78,7 +80,8 @@ def _neurons_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, type-checked (repeatable)")
 
 
 def _joint_parser(sub) -> None:
@@ -91,8 +94,8 @@ def _joint_parser(sub) -> None:
     p.add_argument("--images", nargs="+", required=True, help="each subject's photo folder, in the same order")
     p.add_argument("--class-images", nargs="+", help="each subject's class-image folder, in the same order")
     p.add_argument("--out", required=True, help="concept-neuron file to write (.cones), holding all subjects")
-    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; cones1_train_demo for the "
-                                    "demo model) or a .py file with get_config()")
+    p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; "
+                                    "cones1_train_demo for the demo model) or a .py file with get_config()")
     p.add_argument("--steps", type=int, help="steps of gradient descent on ξ")
     p.add_argument("--rho", type=float)
     sel = p.add_mutually_exclusive_group()
@@ -103,7 +106,8 @@ def _joint_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, type-checked (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, type-checked (repeatable)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,13 +24,15 @@ import re
 import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cones_jax.errors import ConfigError, DataError, DivergedError
@@ -283,7 +285,8 @@ class TrainStep:
         self.mesh = mesh
         rep = replicated(mesh)
         self.frozen = jax.device_put(frozen, rep)
-        self._jitted = jax.jit(train_step_fn(loss_fn, optimizer, ema_decay), in_shardings=(rep, rep, data_sharded(mesh)),
+        self._jitted = jax.jit(train_step_fn(loss_fn, optimizer, ema_decay),
+                               in_shardings=(rep, rep, data_sharded(mesh)),
                                out_shardings=(rep, rep), donate_argnums=0)
         self._compiled = None
         self.compile_seconds = 0.0

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tiny_checkpoints import make_sd
 
 from cones_jax import guidance, sampling
 from cones_jax.config import load_config
@@ -18,7 +20,6 @@ from cones_jax.layout import parse_layout
 from cones_jax.models import attention
 from cones_jax.pipeline import load_pipeline
 from cones_jax.sampler import LayoutSampler, shard_batch
-from tiny_checkpoints import make_sd
 
 LAYOUT = {"prompt": "a dog and a cat on the beach", "size": [32, 32],
           "subjects": [{"word": "dog", "box": [0.0, 0.0, 0.5, 1.0]}, {"word": "cat", "box": [0.5, 0.0, 1.0, 1.0]}]}

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_checkpoints import make_text_encoder, make_tokenizer, text_encoder_config
 
 from cones_jax.fileio import CheckpointError, load_safetensors, save_safetensors
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename
 from cones_jax.pipeline import load_text_encoder
 from cones_jax.tokenizer import load_tokenizer, write_clip_tokenizer
-from tiny_checkpoints import make_text_encoder, make_tokenizer, text_encoder_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -158,7 +158,8 @@ def test_bad_weights_raise_naming_the_key(checkpoint, tmp_path):
 
 def test_config_errors():
     good = text_encoder_config("sd1", 600)
-    assert CLIPTextConfig.from_dict(dict(good, architectures=["CLIPTextModel"], torch_dtype="float32")).vocab_size == 600
+    extra = dict(good, architectures=["CLIPTextModel"], torch_dtype="float32")
+    assert CLIPTextConfig.from_dict(extra).vocab_size == 600
     with pytest.raises(CheckpointError, match="hidden_act"):
         CLIPTextConfig.from_dict(dict(good, hidden_act="relu"))
     with pytest.raises(CheckpointError, match="hidden_size"):

@@ -5,13 +5,13 @@ shape checks."""
 import jax
 import numpy as np
 import pytest
+from tiny_checkpoints import VAE_CONFIG, text_encoder_config, unet_config
 
 from cones_jax import convert
 from cones_jax.fileio import CheckpointError
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, text_encoder_rename, text_encoder_shapes
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
 from cones_jax.models.vae import AutoencoderKL, VAEConfig
-from tiny_checkpoints import VAE_CONFIG, text_encoder_config, unet_config
 
 
 def _config(kind: str) -> dict:

@@ -94,7 +94,8 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     blind = dataclasses.replace(sd, params=dict(sd.params, unet=convert.unflatten(
         {k: np.zeros_like(v) if "attn2" in k and "to_k" in k else v for k, v in flat.items()})))
     loc = diagnose.word_localization(blind, timesteps=(600,), n=4)[600]
-    assert loc["shape"] == pytest.approx(loc["area"], rel=1e-3) and loc["colour"] == pytest.approx(loc["area"], rel=1e-3)
+    assert loc["shape"] == pytest.approx(loc["area"], rel=1e-3)
+    assert loc["colour"] == pytest.approx(loc["area"], rel=1e-3)
     assert 0.02 < loc["area"] < 0.3, loc
     loc = diagnose.word_localization(sd, timesteps=(600,), n=4)[600]
     assert loc["shape"] != pytest.approx(loc["area"], rel=1e-3), loc  # a model that sees the text is not blind

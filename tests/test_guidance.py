@@ -54,7 +54,8 @@ def test_edited_cross_attention_equals_numpy(dtype):
     eta = 0.08 * np.log(1 + 25.0) * np_std(s[1::2])
     bias[1::2] = eta[:, None, None, None] * maps[:, None]
     probs = softmax((s + bias) * dh ** -0.5)
-    want = (probs @ vh).transpose(0, 2, 1, 3).reshape(2 * b, q, heads * dh) @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
+    heads_out = (probs @ vh).transpose(0, 2, 1, 3).reshape(2 * b, q, heads * dh)
+    want = heads_out @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
     tol = 1e-4 if dtype == jnp.float32 else 0.1
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
 

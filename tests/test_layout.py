@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tiny_checkpoints import make_tokenizer
 
 from cones_jax import layout as L
-from tiny_checkpoints import make_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(os.path.dirname(HERE), "examples", "layouts")

@@ -8,10 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from tiny_checkpoints import make_unet, make_vae  # noqa: E402
+
 from cones_jax.fileio import CheckpointError  # noqa: E402
 from cones_jax.models.unet import UNetConfig  # noqa: E402
 from cones_jax.pipeline import load_unet, load_vae  # noqa: E402
-from tiny_checkpoints import make_unet, make_vae  # noqa: E402
 
 # fp32 on CPU: the observed max error is ~5e-6 for outputs of magnitude ~2; a wrong transpose,
 # head split or missing scale gives errors of order 1.
@@ -128,8 +129,9 @@ def test_unsupported_unet_config_is_one_line_error(key, value, message):
 
 
 def test_unet_remat_same_params_outputs_and_grads():
-    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
     from tiny_checkpoints import unet_config
+
+    from cones_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     cfg = UNetConfig.from_dict(unet_config("sd2", 32))
     plain, remat = UNet2DConditionModel(cfg), UNet2DConditionModel(cfg, remat=True)

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-
-from cones_jax import neurons, training
-from cones_jax.convert import flatten, unflatten
-from cones_jax.fileio import load_safetensors, save_safetensors
 from tiny_checkpoints import make_sd
 
+from cones_jax import neurons, training
 from cones_jax import sample as sample_cli
 from cones_jax import train as train_cli
+from cones_jax.convert import flatten, unflatten
+from cones_jax.fileio import load_safetensors, save_safetensors
 
 RES = 32  # pixels; the tiny VAE halves it -> 16x16 latents
 
@@ -194,7 +193,8 @@ def test_bad_artifacts(setup, tmp_path):
     table = json.loads(meta["tensors"])
     p0 = setup.paths[0]
     size = int(np.prod(setup.shapes[p0]))
-    for name, idx, match in (("dup", np.array([3, 3, 7]), "overlap"), ("range", np.array([1, size + 5]), "out of range")):
+    cases = (("dup", np.array([3, 3, 7]), "overlap"), ("range", np.array([1, size + 5]), "out of range"))
+    for name, idx, match in cases:
         raw, enc = neurons.encode_indices(idx, size + 64)
         bad_tensors = dict({k: np.asarray(v) for k, v in tensors.items()}, **{p0: np.frombuffer(raw, np.uint8)})
         bad_table = dict(table, **{p0: {"shape": list(setup.shapes[p0]), "count": len(idx), "encoding": enc}})

@@ -12,12 +12,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 F = torch.nn.functional
 
+from tiny_checkpoints import make_sd  # noqa: E402
+
 from cones_jax import artifacts, guidance, sampling  # noqa: E402
 from cones_jax.config import load_config  # noqa: E402
 from cones_jax.layout import parse_layout  # noqa: E402
 from cones_jax.pipeline import load_pipeline  # noqa: E402
 from cones_jax.sampler import LayoutSampler, initial_noise, renoise_keys  # noqa: E402
-from tiny_checkpoints import make_sd  # noqa: E402
 
 STEPS, GUIDED, LAMBDA, GAMMA_POS, GAMMA_NEG = 3, 2, 0.08, 2.5, -1e8
 PROMPT = "a dog and a cat on the beach"
@@ -116,9 +117,11 @@ def test_official_preset_matches_reference(tmp_path):
     ours = np.asarray(sampler(sd.params, sched, inputs))
 
     key = renoise_keys([0])[0]
-    renoise = [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0),
-                                                             noise.shape[1:]))[None].transpose(0, 3, 1, 2).copy()).double()
-               for i in range(GUIDED)]
+    def renoise_at(i):
+        z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), noise.shape[1:]))
+        return torch.from_numpy(z[None].transpose(0, 3, 1, 2).copy()).double()
+
+    renoise = [renoise_at(i) for i in range(GUIDED)]
     want = torch_official(pipe, ids, pos["dog"], delta, maps,
                           torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()).double(), renoise)
     # the reference runs its σ arithmetic in float64 like diffusers' LMS tables; fp32 UNet both sides

@@ -12,11 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_checkpoints import make_sd  # noqa: E402
+
 from cones_jax import sampling, schedulers  # noqa: E402
-from cones_jax.sampler import renoise_keys  # noqa: E402
 from cones_jax.fileio import CheckpointError  # noqa: E402
 from cones_jax.pipeline import load_pipeline  # noqa: E402
-from tiny_checkpoints import make_sd  # noqa: E402
+from cones_jax.sampler import renoise_keys  # noqa: E402
 
 PROMPTS = ["a photo of a dog", "a red cat sitting on the beach"]
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}

@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-
-from cones_jax import artifacts, residual, training
 from tiny_checkpoints import make_sd
 
+from cones_jax import artifacts, residual, training
 from cones_jax import train as train_cli
 
 RES = 32      # pixels; the tiny VAE halves it -> 16x16 latents
@@ -164,8 +163,11 @@ def test_batch2_loss_is_mean_of_batch1_losses(setup, eval_loss):
     d2 = _draws(setup, 2, 0)
     b2 = _fixed_batch(setup, 2)
     l2, parts2 = loss(params, b2, d2)
-    singles = [loss(params, jax.tree.map(lambda x: x[i:i + 1], b2), jax.tree.map(lambda x: x[i:i + 1] if x.shape[0] == 2
-                                                                                   else x, d2))[0] for i in range(2)]
+    def row(i):
+        take = lambda x: x[i:i + 1] if x.shape[0] == 2 else x
+        return loss(params, jax.tree.map(lambda x: x[i:i + 1], b2), jax.tree.map(take, d2))[0]
+
+    singles = [row(i) for i in range(2)]
     assert float(l2) == pytest.approx(float(np.mean(singles)), rel=1e-5)
     assert float(parts2["loss_reg"]) == pytest.approx(0.0, abs=1e-6)   # E' = E at step 0
 

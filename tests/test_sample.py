@@ -9,15 +9,14 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_checkpoints import make_sd
 
 from cones_jax import artifacts, guidance, sampling
+from cones_jax import sample as sample_cli
 from cones_jax.config import load_config
 from cones_jax.layout import parse_layout
 from cones_jax.pipeline import load_pipeline
 from cones_jax.sampler import LayoutSampler, shard_batch, to_uint8
-from tiny_checkpoints import make_sd
-
-from cones_jax import sample as sample_cli
 
 LAYOUT = {"prompt": "a dog and a cat on the beach", "size": [32, 32],
           "subjects": [{"word": "dog", "box": [0.0, 0.0, 0.5, 1.0]}, {"word": "cat", "box": [0.5, 0.0, 1.0, 1.0]}]}
@@ -99,8 +98,11 @@ def test_sharded_batch_equals_single_device(tiny, tmp_path):
     sharded = sampler(jax.device_put(sd.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
                       sched, shard_batch(inputs, mesh))
     assert len(sharded.sharding.device_set) == 8
-    single = np.concatenate([np.asarray(sampler(sd.params, sched, jax.tree_util.tree_map(
-        lambda x: x[k:k + 1] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 8 else x, inputs))) for k in range(8)])
+    def one(k):
+        take = lambda x: x[k:k + 1] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 8 else x
+        return np.asarray(sampler(sd.params, sched, jax.tree_util.tree_map(take, inputs)))
+
+    single = np.concatenate([one(k) for k in range(8)])
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
 
 

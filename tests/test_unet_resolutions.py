@@ -6,11 +6,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from tiny_checkpoints import unet_config
 
 from cones_jax import layout
 from cones_jax.demo import base_model
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig, cross_attention_resolutions
-from tiny_checkpoints import unet_config
 
 # SD 2.x's block layout (cross-attention at every level) with a few channels.
 SD2_SHAPE = dataclasses.replace(UNetConfig(), block_out_channels=(8, 8, 8, 8), heads=(2, 2, 2, 2),

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cones_jax.errors import ConfigError
 from cones_jax import convert, training
 from cones_jax.config import load_config, parse_overrides
 from cones_jax.demo import world
+from cones_jax.errors import ConfigError
 from cones_jax.fileio import atomic_output, load_safetensors, save_safetensors
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig, cross_attention_resolutions

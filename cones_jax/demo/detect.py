@@ -15,7 +15,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

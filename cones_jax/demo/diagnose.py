@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cones_jax.errors import ConfigError
 from cones_jax import training
 from cones_jax.demo import detect, evaluate, world
+from cones_jax.errors import ConfigError
 from cones_jax.models.vae import AutoencoderKL
 from cones_jax.schedulers import alphas_cumprod
 

@@ -20,11 +20,13 @@ import itertools
 import os
 import sys
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from cones_jax import bundled, layout as layout_lib
+from cones_jax import bundled
+from cones_jax import layout as layout_lib
 from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, world
 from cones_jax.sampler import LayoutSampler, sample_prompts
@@ -239,7 +241,7 @@ def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], step
     must have both right."""
     prompts, truth = [], []
     for shape, colour in itertools.product(world.SHAPES, world.COLOURS):
-        for s in seeds:
+        for _s in seeds:
             prompts.append(f"a {colour} {shape}")
             truth.append((shape, colour))
     images = sample_prompts(sd, prompts, list(range(len(prompts))), steps=steps,
@@ -328,7 +330,8 @@ def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], n
     """Cones against Cones 2 on the same subjects (paper preset's DDIM; unguided, or `with_layout`:
     every step guided to the suite's boxes, BOXES, at λ = GUIDANCE_WEIGHT): how often each trait of
     a subject's look appears (`subject_traits`), for each subject alone and for the pairs of PAIRS
-    together (default `groups`: IDENTITY_GROUPS). Methods (IDENTITY_METHODS): the residuals on the class prompt, the group's concept
+    together (default `groups`: IDENTITY_GROUPS). Methods (IDENTITY_METHODS): the residuals on the
+    class prompt, the group's concept
     neurons shut on the identifier prompt (a pair: its two sets concatenated, or the set of their
     joint fine-tune: `neuron_files`), and the base model on each prompt (`identity_prompt`). One row
     per (method, group), then one per (method, subjects per image) with the means; traits are
@@ -373,7 +376,8 @@ def identity_row(method: str, group: str, found: list[list[dict]], seconds: floa
 
 
 IDENTITY_HEADER = ("| method | subjects | shape | + colour | + pattern | + outline | + eyes | whole look | "
-                   "images with every subject's shape / and colour | images |\n|---|---|---|---|---|---|---|---|---|---|")
+                   "images with every subject's shape / and colour | images |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_identity_row(row: dict) -> str:

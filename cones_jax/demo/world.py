@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -60,7 +60,7 @@ class Thing:
     eyes: bool = False
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
-    def with_box(self, box: Sequence[float]) -> "Thing":
+    def with_box(self, box: Sequence[float]) -> Thing:
         return dataclasses.replace(self, box=tuple(float(v) for v in box))
 
 

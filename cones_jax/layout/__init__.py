@@ -13,9 +13,19 @@ Import from here: the names below are the package's interface.
 """
 
 from cones_jax.layout.draw import draw_layout, heatmap_overlay, image_grid, subject_heatmaps, to_uint8
-from cones_jax.layout.maps import (LayoutMaps, attention_maps, attention_resolutions, check_prompt_length,
-                                   gamma_maps, layout_maps, region_masks, resize_bilinear_aligned,
-                                   subject_positions, token_occurrences, token_positions)
+from cones_jax.layout.maps import (
+                                   LayoutMaps,
+                                   attention_maps,
+                                   attention_resolutions,
+                                   check_prompt_length,
+                                   gamma_maps,
+                                   layout_maps,
+                                   region_masks,
+                                   resize_bilinear_aligned,
+                                   subject_positions,
+                                   token_occurrences,
+                                   token_positions,
+)
 from cones_jax.layout.parse import NEAR_COLOR_DISTANCE, NEAR_COLOR_MIN_PIXELS, load_layout, parse_layout
 from cones_jax.layout.schema import DEFAULT_STRENGTH, Layout, LayoutError, LayoutWarning, Subject, parse_color
 

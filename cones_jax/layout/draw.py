@@ -3,7 +3,7 @@ cross-attention heat maps, and a grid of images."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

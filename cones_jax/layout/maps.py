@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from cones_jax.layout.images import read_color_map, read_mask, resize_nearest
-from cones_jax.layout.schema import DEFAULT_STRENGTH, Layout, LayoutError, LayoutWarning, field_error, is_number, short, where
+from cones_jax.layout.schema import (
+    DEFAULT_STRENGTH,
+    Layout,
+    LayoutError,
+    LayoutWarning,
+    field_error,
+    is_number,
+    short,
+    where,
+)
 from cones_jax.models.unet import UNetConfig, cross_attention_resolutions
 
 

@@ -21,8 +21,17 @@ resizes the layout PNG to 768x768 with PIL's default filter; we use NEAREST, to 
 
 from __future__ import annotations
 
-from cones_jax.layout.schema import (FieldContext, Layout, Subject, check_keys, common_values, parse_color,
-                                     read_integer, read_number, short)
+from cones_jax.layout.schema import (
+    FieldContext,
+    Layout,
+    Subject,
+    check_keys,
+    common_values,
+    parse_color,
+    read_integer,
+    read_number,
+    short,
+)
 
 _OFFICIAL_KEYS = ("prompt", "residual_dict", "color_context", "guidance_steps", "guidance_weight",
                   "weight_negative", "layout", "subject_list", "negative_prompt", "size")

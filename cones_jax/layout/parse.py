@@ -58,9 +58,22 @@ import numpy as np
 from cones_jax.layout.images import read_color_map, read_mask
 from cones_jax.layout.maps import subject_positions
 from cones_jax.layout.official import parse_official_entry
-from cones_jax.layout.schema import (FieldContext, Layout, LayoutError, LayoutWarning, Subject,
-                                     check_keys, color_text, common_values, field_error, parse_color, read_box,
-                                     read_number, read_string, short)
+from cones_jax.layout.schema import (
+    FieldContext,
+    Layout,
+    LayoutError,
+    LayoutWarning,
+    Subject,
+    check_keys,
+    color_text,
+    common_values,
+    field_error,
+    parse_color,
+    read_box,
+    read_number,
+    read_string,
+    short,
+)
 
 NEAR_COLOR_DISTANCE = 64  # max |ΔR|,|ΔG|,|ΔB| for a pixel to count as a near miss of a subject colour
 NEAR_COLOR_MIN_PIXELS = 10  # warn about near misses from this many pixels on
@@ -208,7 +221,7 @@ def _common_colors(rgb: np.ndarray, n: int = 5) -> str:
     packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     values, counts = np.unique(packed.reshape(-1), return_counts=True)
     top = values[np.argsort(-counts)[:n]]
-    return ", ".join("#%06x" % int(v) for v in top)
+    return ", ".join(f"#{int(v):06x}" for v in top)
 
 
 
@@ -229,7 +242,7 @@ def _check_color_map(layout: Layout) -> None:
                               f"(its most common colours: {_common_colors(rgb)})")
         exact_any |= hit
     near = {}
-    for s, sub in colored:
+    for _, sub in colored:
         dist = np.abs(rgb16 - np.asarray(sub.color, np.int16)).max(axis=-1)
         count = int(np.count_nonzero((dist <= NEAR_COLOR_DISTANCE) & ~exact_any))
         if count:

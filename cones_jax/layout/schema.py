@@ -12,7 +12,8 @@ import difflib
 import math
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,7 @@ def parse_color(value: Any, field: str = "color", source: str | None = None) -> 
 
 
 def color_text(color: tuple[int, int, int]) -> str:
-    return "#%02x%02x%02x %s" % (*color, tuple(color))
+    return "#{:02x}{:02x}{:02x} {}".format(*color, tuple(color))
 
 
 def read_size(ctx: FieldContext, value: Any) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,7 @@ def blocked_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, q_block: in
     the normalisation is applied after the P·V product ([block, D] instead of [block, K] divides).
     """
     b, q_len, h, d = q_BxQxHxD.shape
-    k_len, dv = k_BxKxHxD.shape[1], v_BxKxHxD.shape[-1]
+    _k_len, dv = k_BxKxHxD.shape[1], v_BxKxHxD.shape[-1]
     blk = _divisor_at_most(q_len, max(1, q_block // _local_batch(b)))
     n = q_len // blk
     dt = q_BxQxHxD.dtype
@@ -77,7 +77,7 @@ def blocked_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, q_block: in
 IMPLEMENTATIONS = ("blocked", "xla", "cudnn", "splash")
 
 # Set by `use_implementation` (tests, benchmarks); read when a function is traced.
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("cones_jax_attention", default=None)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("cones_jax_attention", default=None)
 
 # Splash attention tiles both sequence axes; TPU blocks are multiples of 128 rows.
 SPLASH_BLOCK = 512
@@ -85,7 +85,7 @@ SPLASH_MIN_BLOCK = 128
 
 
 @contextlib.contextmanager
-def use_implementation(name: Optional[str]) -> Iterator[None]:
+def use_implementation(name: str | None) -> Iterator[None]:
     """Forces the unbiased attention kernel of everything traced inside (None: choose per backend).
 
     A function jitted earlier keeps the kernel it was traced with: jit's cache does not see this
@@ -100,12 +100,12 @@ def use_implementation(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
-def forced_implementation() -> Optional[str]:
+def forced_implementation() -> str | None:
     return _forced.get()
 
 
 def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int, *,
-                          gpu_capability: Optional[tuple[int, int]] = None) -> str:
+                          gpu_capability: tuple[int, int] | None = None) -> str:
     """The unbiased attention kernel for one call: a pure function of the backend and the shapes.
 
     - cpu: "blocked" (XLA:CPU's fused path builds the whole [B, H, Q, K] score tensor and ran ~5x
@@ -132,7 +132,7 @@ def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim:
     return "xla"
 
 
-def _gpu_capability() -> Optional[tuple[int, int]]:
+def _gpu_capability() -> tuple[int, int] | None:
     cap = getattr(jax.devices()[0], "compute_capability", None)
     try:
         return tuple(int(x) for x in str(cap).split(".")[:2]) if cap else None
@@ -181,7 +181,7 @@ def splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, *, interpret
     return run(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD)
 
 
-def dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, implementation: Optional[str] = None):
+def dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, implementation: str | None = None):
     """Unbiased softmax(q·kᵀ·scale)·v through the kernel `choose_implementation` picks for this
     backend and these shapes (or `implementation`, or what `use_implementation` forces)."""
     backend = jax.default_backend()
@@ -208,7 +208,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxQxC, context_BxKxE=None, *, bias_fn: Optional[BiasFn] = None,
+    def __call__(self, x_BxQxC, context_BxKxE=None, *, bias_fn: BiasFn | None = None,
                  hw: tuple[int, int] = (0, 0), sow_probs: bool = False):
         inner = self.heads * self.dim_head
         dense = lambda name, bias: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)

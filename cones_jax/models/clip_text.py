@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,7 +57,7 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
         """Reads a transformers `text_encoder/config.json` dict; unrelated keys are ignored."""
         model_type = d.get("model_type")
         if model_type is not None and model_type != "clip_text_model":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +22,7 @@ class ResnetBlock2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxHxWxC, temb_BxT: Optional[jax.Array] = None):
+    def __call__(self, x_BxHxWxC, temb_BxT: jax.Array | None = None):
         gn = lambda name: nn.GroupNorm(num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
         h = conv3x3(self.out_channels, "conv1", self.dtype)(nn.silu(gn("norm1")(x_BxHxWxC)))
         if temb_BxT is not None:

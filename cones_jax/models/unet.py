@@ -7,7 +7,6 @@ Every cross-attention (attn2) accepts the generic bias hook of `cones_jax.models
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -15,8 +14,14 @@ import jax.numpy as jnp
 
 from cones_jax.fileio import CheckpointError
 from cones_jax.models.attention import BiasFn, Transformer2D
-from cones_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv3x3,
-                                     timestep_embedding)
+from cones_jax.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    conv3x3,
+    timestep_embedding,
+)
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -56,7 +61,7 @@ class UNetConfig:
     sample_size: int = 64
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         """Reads diffusers' `unet/config.json`; rejects what our SD 1.x/2.x UNet does not build."""
         for key, want in _REQUIRED.items():
             got = d.get(key, want)
@@ -172,7 +177,7 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample_BxHxWxC: jax.Array, timesteps: jax.Array, context_BxLxE: jax.Array, *,
-                 cross_attn_bias: Optional[BiasFn] = None, sow_attention: bool = False) -> jax.Array:
+                 cross_attn_bias: BiasFn | None = None, sow_attention: bool = False) -> jax.Array:
         """ε/v prediction for latents `sample` at (possibly fractional) `timesteps` ([B] or scalar).
 
         `cross_attn_bias(S_BxHxQxK, (h, w))` is handed to every cross-attention layer; see

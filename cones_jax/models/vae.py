@@ -28,7 +28,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
+    def from_dict(cls, d: dict) -> VAEConfig:
         """Reads diffusers' `vae/config.json` (AutoencoderKL)."""
         for key, want in (("act_fn", "silu"), ("latents_mean", None), ("latents_std", None)):
             if d.get(key, want) != want:
