@@ -39,7 +39,7 @@ import zlib
 
 import numpy as np
 
-from cones_jax.errors import ArtifactError, NeuronsFileError
+from cones_jax.errors import ArtifactError, NeuronsError, NeuronsFileError  # noqa: F401 (re-exported)
 from cones_jax.fileio import CheckpointError, load_safetensors, read_torch_tensor, refuse_pickle, save_safetensors
 
 RESIDUAL_FORMAT = "cones_jax.residual"

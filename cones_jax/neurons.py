@@ -39,7 +39,6 @@ from cones_jax import training
 from cones_jax.artifacts import (  # noqa: F401
     NEURONS_FORMAT,
     ConceptNeurons,
-    NeuronsError,
     check_indices,
     decode_indices,
     encode_indices,
@@ -48,6 +47,7 @@ from cones_jax.artifacts import (  # noqa: F401
 )
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
+from cones_jax.errors import NeuronsError
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
 
