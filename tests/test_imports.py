@@ -123,3 +123,42 @@ def _module_aliases(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.Import):
             names |= {a.asname or a.name for a in node.names if a.name.startswith("cones_jax")}
     return names
+
+
+# docs/ARCHITECTURE.md: who may import whom. Each rule: modules under a prefix may import only
+# package modules under the allowed prefixes (a prefix matches itself and its submodules).
+LAYERS = {
+    "cones_jax.errors": (),
+    "cones_jax.fileio": ("cones_jax.errors",),
+    "cones_jax.config": ("cones_jax.errors", "cones_jax.configs"),
+    "cones_jax.models": ("cones_jax.models", "cones_jax.fileio", "cones_jax.errors"),
+    "cones_jax.layout": ("cones_jax.layout", "cones_jax.models", "cones_jax.fileio", "cones_jax.errors"),
+    "cones_jax.artifacts": ("cones_jax.fileio", "cones_jax.errors"),
+    "cones_jax.sampling": ("cones_jax.models", "cones_jax.schedulers", "cones_jax.errors"),
+}
+DRIVERS = ("cones_jax.generate", "cones_jax.sample", "cones_jax.train", "cones_jax.cli", "cones_jax.demo")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_modules_import_only_their_layers():
+    graph = import_graph()
+    broken = []
+    for name, deps in graph.items():
+        for prefix, allowed in LAYERS.items():
+            if _under(name, prefix):
+                broken += [f"{name} -> {d}" for d in deps
+                           if not _under(d, prefix) and not any(_under(d, a) for a in allowed)]
+    assert not broken, broken
+
+
+def test_the_library_does_not_import_its_drivers():
+    """The command lines, `generate` and the demo sit on top: nothing below imports them."""
+    graph = import_graph()
+    library = [n for n in graph if not any(_under(n, d) for d in DRIVERS)]
+    broken = [f"{n} -> {d}" for n in library for d in graph[n] if any(_under(d, x) for x in DRIVERS)]
+    assert not broken, broken
+    assert not [n for n in graph if not _under(n, "cones_jax.demo")
+                and any(_under(d, "cones_jax.demo") for d in graph[n])]
