@@ -3,11 +3,13 @@ bad input); the runtime settings every command starts with (CPU XLA flags, the c
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
+import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cones_jax.errors import ConesError
 
@@ -60,7 +62,28 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def run_cli(job: Callable[[], None], *, debug: bool = False) -> int:
+def flag_names(parser: argparse.ArgumentParser | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Library parameter -> the command's flag: each option's `dest` -> its long option string."""
+    names = {}
+    for action in parser._actions if parser is not None else ():  # argparse has no public accessor
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest != "help":
+            names[action.dest] = longs[0]
+        for sub in getattr(action, "choices", None) or ():  # a subcommand's own flags
+            if isinstance(action.choices, dict) and isinstance(action.choices[sub], argparse.ArgumentParser):
+                names.update({k: v for k, v in flag_names(action.choices[sub]).items() if k not in names})
+    names.update(extra or {})
+    return names
+
+
+def as_flags(message: str, flags: Mapping[str, str]) -> str:
+    """Library messages name parameters in backquotes (`checkpoint_dir`); a command line names
+    them as its flags (--checkpoint-dir). A name the command has no flag for keeps its quotes."""
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.ArgumentParser | None = None,
+            flags: Mapping[str, str] | None = None) -> int:
     """Runs `job` and turns its failure into one line on stderr and an exit code.
 
     `ConesError` (bad input, configuration, or numbers; `cones_jax.errors`): `error: <message>`,
@@ -68,14 +91,16 @@ def run_cli(job: Callable[[], None], *, debug: bool = False) -> int:
     disk, a read-only folder, a lost mount): one line, exit 1; outputs are written to temporary
     names, so nothing half-written is left. Ctrl-C: exit 130. Anything else is a bug: its
     traceback, a line saying so, exit 1. `debug` prints the traceback for every failure.
+    Parameter names in a message become the flags of `parser` (and `flags`: parameter -> flag).
     """
+    names = flag_names(parser, flags)
     prepare_runtime()
     try:
         job()
     except ConesError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {as_flags(one_line(e), names)}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         if debug:

@@ -98,7 +98,7 @@ def refuse_existing(paths: dict, overwrite: bool) -> None:
     existing = [p for p in wanted if os.path.exists(p)]
     if existing and not overwrite:
         raise GenerateError(f"{existing[0]} already exists ({len(existing)} output file(s) in all); "
-                            "pass --overwrite or choose another --out")
+                            "pass `overwrite` or choose another `out_dir`")
 
 
 def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=None,
@@ -119,7 +119,7 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=Non
                         f"{', '.join(f.name for f in dataclasses.fields(GenerateOptions))})") from None
     seeds = [int(s) for s in opts.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise GenerateError("--seeds must be a non-empty list of distinct integers")
+        raise GenerateError("`seeds` must be a non-empty list of distinct integers")
     layout_config(opts.preset, None, opts.overrides)  # flags checked before any file is read
     cfg, lay = layout_config(opts.preset, layout_lib.load_layout(layout_path), opts.overrides)
     stem = os.path.splitext(os.path.basename(layout_path))[0]

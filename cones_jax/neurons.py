@@ -206,7 +206,7 @@ def neuron_scores(xi_offset: dict[str, Any], rho: float) -> dict[str, np.ndarray
 def tau_for_sparsity(scores: dict[str, np.ndarray], sparsity: float) -> float:
     """The τ that shuts the top `sparsity` fraction of all searched weights (by score)."""
     if not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+        raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
     allv = np.concatenate([v.ravel() for v in scores.values()])
     k = max(1, int(round(sparsity * allv.size)))
     # τ just below the k-th largest score: exactly k neurons pass `> τ` (barring ties)
@@ -487,14 +487,14 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
     _check_out(out, opts.overwrite)
     tau, sparsity = opts.tau, opts.sparsity
     if tau is not None and sparsity is not None:
-        raise NeuronsError("give --tau or --sparsity, not both")
+        raise NeuronsError("give `tau` or `sparsity`, not both")
     cfg = load_train_config(opts.config, opts.overrides)
     if tau is None and sparsity is None:
         tau, sparsity = cfg["tau"], cfg["sparsity"]
     if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+        raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
     if opts.resume and not opts.checkpoint_dir:
-        raise NeuronsError("--resume needs --checkpoint-dir (where the checkpoints are)")
+        raise NeuronsError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
     subj = Subject(images_dir, class_word, cfg["identifier"])
     setup = setup_neurons(model_dir, subj, cfg=cfg, class_dir=opts.class_dir, dtype=opts.dtype, log=log)
     ckpt = None
@@ -554,16 +554,16 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     log = log or (lambda s: print(s, file=sys.stderr))
     _check_out(out, opts.overwrite)
     if len(neuron_paths) < 2:
-        raise NeuronsError("--neurons needs the files of at least two subjects")
+        raise NeuronsError("`neurons` needs the files of at least two subjects")
     if len(images_dirs) != len(neuron_paths):
-        raise NeuronsError(f"--images names {len(images_dirs)} folder(s) for {len(neuron_paths)} --neurons file(s); "
+        raise NeuronsError(f"`images` names {len(images_dirs)} folder(s) for {len(neuron_paths)} `neurons` file(s); "
                            "give one folder of photos per file, in the same order")
     if class_dirs and len(class_dirs) != len(neuron_paths):
-        raise NeuronsError(f"--class-images names {len(class_dirs)} folder(s) for {len(neuron_paths)} subjects")
+        raise NeuronsError(f"`class_images` names {len(class_dirs)} folder(s) for {len(neuron_paths)} subjects")
     if tau is not None and keep is not None:
-        raise NeuronsError("give --tau or --keep, not both")
+        raise NeuronsError("give `tau` or `keep`, not both")
     if keep is not None and not 0.0 < keep <= 1.0:
-        raise NeuronsError(f"--keep must be in (0, 1], got {keep}")
+        raise NeuronsError(f"`keep` must be in (0, 1], got {keep}")
     cfg = load_train_config(opts.config, opts.overrides)
     if tau is None and keep is None:
         tau = cfg["joint_tau"]
@@ -608,4 +608,4 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
 
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
-        raise NeuronsError(f"{out} exists; pass --overwrite to replace it")
+        raise NeuronsError(f"{out} exists; pass `overwrite` to replace it")

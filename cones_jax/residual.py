@@ -386,9 +386,9 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
 
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
-        raise ResidualError(f"{out} exists; pass --overwrite to replace it")
+        raise ResidualError(f"{out} exists; pass `overwrite` to replace it")
     if not out.endswith(".safetensors"):
-        raise ResidualError(f"--out {out!r} must end with .safetensors")
+        raise ResidualError(f"`out` {out!r} must end with .safetensors")
 
 
 def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, preset: str = "official",
@@ -411,7 +411,7 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
     cfg = load_train_config(preset, config, dict(overrides or {}, **{k: v for k, v in explicit.items()
                                                                      if v is not None}))
     if resume and not checkpoint_dir:
-        raise ResidualError("--resume needs --checkpoint-dir (where the checkpoints are)")
+        raise ResidualError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
     setup = setup_residual(model_dir, images_dir, word, cfg=cfg, dtype=dtype, remat=remat, sentences=sentences)
 
     checkpointer = None

@@ -22,6 +22,10 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", required=True, help="layout JSON (ours or the official Cones-V2 config list), or "
                    "demo:NAME for a bundled one (demo:two_subjects; see cones_jax.bundled.layout_names())")
@@ -49,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(prompt with their identifiers)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, type-checked (repeatable)")
-    return p.parse_args(argv)
+    return p
 
 
 def options(args: argparse.Namespace):
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = generate(resolve_layout(args.layout), options(args))
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
-    return run_cli(job, debug=args.debug)
+    return run_cli(job, debug=args.debug, parser=build_parser(),
+                   flags={"out_dir": "--out", "cfg_scale": "--cfg", "guided": "--no-guidance"})
 
 
 if __name__ == "__main__":

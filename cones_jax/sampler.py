@@ -245,9 +245,9 @@ class LayoutSampler:
                  batch: int | None = None, negative_prompt: str | None = None, allow_pickle: bool = False,
                  on_step: Callable[[int], None] | None = None):
         if cfg["scheduler"] not in schedulers.KINDS:
-            raise GenerateError(f"--scheduler {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
+            raise GenerateError(f"`scheduler` {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
         if batch is not None and batch < 1:
-            raise GenerateError(f"--batch must be at least 1, got {batch}")
+            raise GenerateError(f"`batch` must be at least 1, got {batch}")
         self.sd, self.cfg, self.guided, self.batch = sd, cfg, guided, batch
         self.negative_prompt, self.allow_pickle, self.on_step = negative_prompt, allow_pickle, on_step
         self.schedule = make_schedule(sd, cfg)

@@ -111,12 +111,16 @@ def _joint_parser(sub) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     _residual_parser(sub)
     _neurons_parser(sub)
     _joint_parser(sub)
-    return p.parse_args(argv)
+    return p
 
 
 def run_residual(args: argparse.Namespace) -> None:
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from cones_jax.cli import run_cli
 
     commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
-    return run_cli(lambda: commands[args.command](args), debug=args.debug)
+    return run_cli(lambda: commands[args.command](args), debug=args.debug, parser=build_parser(),
+                   flags={"class_word": "--class"})
 
 
 if __name__ == "__main__":

@@ -65,3 +65,25 @@ def test_debug_shows_the_traceback_of_an_input_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags():
+    from cones_jax import train as train_cli
+
+    flags = cli.flag_names(train_cli.build_parser(), {"class_word": "--class"})
+    assert flags["checkpoint_dir"] == "--checkpoint-dir" and flags["class_images"] == "--class-images"
+    message = "`resume` needs `checkpoint_dir` (where the checkpoints are); `unknown_name` keeps its quotes"
+    assert cli.as_flags(message, flags) == ("--resume needs --checkpoint-dir (where the checkpoints are); "
+                                            "`unknown_name` keeps its quotes")
+    sample_flags = cli.flag_names(sample_cli.build_parser(), {"out_dir": "--out"})
+    assert cli.as_flags("choose another `out_dir`; `seeds`", sample_flags) == "choose another --out; --seeds"
+
+
+def test_a_library_error_reaches_the_command_line_as_its_flag(tmp_path, capsys):
+    from cones_jax import train as train_cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rc = train_cli.main(["residual", "--images", str(photos), "--word", "dog", "--out", str(tmp_path / "dog.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out" in err and "`out`" not in err, err
