@@ -6,12 +6,11 @@
 The paper's setting (`cones1_train.py`) with two changes for a model trained only on the shapes
 world's captions:
 - Prompts in the captions' own form, "a sks star" and "a star": the demo text encoder never saw
-  "photo of", and its base model draws "photo of a star" as a star in 1 of 16 samples against 8 of
-  8 for "a star", so the paper's prompts made class images of fragments and a prior of noise.
-- A larger share of shut weights: the demo UNet's cross-attention K/V hold 135 k weights, where
-  Stable Diffusion's hold tens of millions. At the paper's 0.1% a subject's shape was drawn in 62%
-  of samples; at 0.3%, 81%, and a pair's two sets concatenated still drew both shapes in 69%; at
-  0.5-0.7% single subjects gained colour but pairs lost shapes (BENCHMARKS.md, sparsity).
+  "photo of", and its base model rarely draws "photo of a star" as a star, so the paper's prompts
+  made class images of fragments and a prior of noise.
+- A larger share of shut weights (0.3%): the demo UNet's cross-attention K/V hold 135 k weights,
+  where Stable Diffusion's hold tens of millions; at the paper's 0.1% too few shut weights carried
+  a subject's shape, and above 0.5% a pair's concatenated sets lost their shapes.
 """
 
 from cones_jax.config import NeuronsConfig

@@ -2,7 +2,7 @@
 
     python -m cones_jax.demo.base_model --workdir /tmp/demo_run --out examples/demo_model [--set steps=30000]
 
-Hardware and time: the bundled model took 25000 UNet steps on CPU (docs in BENCHMARKS.md). The
+Hardware and time: the bundled model took 25000 UNet steps on CPU (docs/demo_model_training.md). The
 architecture itself (VAE, UNet and scheduler configs) lives beside the code in
 `cones_jax/demo/base_model.py` and is recorded in the exported `demo_training.json`.
 """

@@ -51,7 +51,7 @@ TEXT_WIDTH = RECIPE.text_width
 
 # Latents at 32² (f = 2): a small object (13-17 px) spans 7-8 latent pixels, so its shape is a spatial
 # layout the UNet denoises like any other. At f = 4 it spanned 3-4, and shape lived in sub-pixel latent
-# codes: two runs of 7000 and 4500 steps drew the right colour but never a shape (BENCHMARKS.md).
+# codes: two runs of 7000 and 4500 steps drew the right colour but never a shape (docs/demo_model_training.md).
 VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, norm_num_groups=16,
            sample_size=world.IMAGE_SIZE, in_channels=3, out_channels=3, act_fn="silu")
@@ -241,7 +241,7 @@ LOSS_WEIGHTS = {"min_snr": min_snr_weight, "clipped_v": clipped_v_weight}
 def sample_timesteps(rng, n: int, num_train_timesteps: int, power: float = 0.0):
     """Training timesteps with density ∝ (t / T)^power: uniform at 0, and at 1 twice the share of the
     steps above t = 0.85 T (28% against 15%), the band where, on this schedule, a sample's shape is
-    decided: from t = 0.85 T the model keeps the shape it is given (BENCHMARKS.md)."""
+    decided: from t = 0.85 T the model keeps the shape it is given (docs/demo_model_training.md)."""
     if power == 0.0:
         return jax.random.randint(rng, (n,), 0, num_train_timesteps)  # the draw of every earlier run
     u = jax.random.uniform(rng, (n,))
