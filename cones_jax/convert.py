@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from cones_jax.fileio import CheckpointError
 
@@ -64,10 +65,10 @@ class Fingerprint:
 
     SMALL = 1 << 20  # elements: tensors up to this size have their values hashed
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._hash = hashlib.sha256()
 
-    def update(self, path: tuple[str, ...], value) -> None:
+    def update(self, path: tuple[str, ...], value: np.ndarray) -> None:
         self._hash.update("/".join(path).encode() + str(tuple(value.shape)).encode())
         if value.size <= self.SMALL:
             self._hash.update(np.asarray(value, dtype=np.float32).tobytes())
@@ -105,7 +106,7 @@ def convert_state_dict(
     target: Mapping,
     *,
     rename: Callable[[str], str | None] = lambda k: k,
-    dtype=None,
+    dtype: npt.DTypeLike | None = None,
     component: str = "model",
     put: Callable[[np.ndarray], object] = lambda x: x,
     fingerprint: Fingerprint | None = None,
@@ -254,7 +255,7 @@ def params_to_state_dict(params: Mapping, template: Mapping[str, tuple[int, ...]
     return out
 
 
-def to_state_dict(params: Mapping, prefix: str = "", dtype=np.float32, *,
+def to_state_dict(params: Mapping, prefix: str = "", dtype: npt.DTypeLike = np.float32, *,
                   component: str = "model") -> dict[str, np.ndarray]:
     """A Flax params tree of our modules as a PyTorch state dict (contiguous `dtype` arrays, keys
     prefixed with `prefix`, e.g. "text_model." for transformers' CLIPTextModel)."""

@@ -163,7 +163,7 @@ _TORCH_STORAGES = {"DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage":
                    "BoolStorage": "?", "BFloat16Storage": ml_dtypes.bfloat16}
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_) -> np.ndarray:
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: object) -> np.ndarray:
     strides = [s * storage.itemsize for s in stride]
     return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=strides).copy()
 
@@ -199,7 +199,7 @@ def read_torch_tensor(path: str | os.PathLike) -> np.ndarray:
                     return collections.OrderedDict
                 raise CheckpointError(f"{path}: holds {module}.{name}; only a bare tensor is read")
 
-            def persistent_load(self, pid):
+            def persistent_load(self, pid: tuple):
                 _, dtype, key, _, numel = pid
                 try:
                     raw = archive.read(f"{prefix}data/{key}")

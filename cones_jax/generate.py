@@ -14,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from cones_jax import layout as layout_lib
-from cones_jax.config import resolve_sampling
+from cones_jax.config import Config, resolve_sampling
 from cones_jax.fileio import atomic_output
 from cones_jax.layout.draw import heatmap_overlay, image_grid, subject_heatmaps
-from cones_jax.sampler import GenerateError, LayoutSampler
+from cones_jax.sampler import Drawn, GenerateError, LayoutSampler, Prepared
+
+if TYPE_CHECKING:
+    from cones_jax.pipeline import StableDiffusion
 
 DEFAULT_MODEL_ENV = "CONES_JAX_MODEL"
 
@@ -85,7 +88,8 @@ def output_paths(out_dir: str, stem: str, seeds: Sequence[int], *, show_layout: 
     return paths
 
 
-def layout_config(preset: str, lay: layout_lib.Layout | None, overrides: Mapping[str, Any] | None = None):
+def layout_config(preset: str, lay: layout_lib.Layout | None,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[Config, layout_lib.Layout | None]:
     """(config, layout) by `config.resolve_sampling`'s one precedence: preset < layout file < overrides."""
     try:
         return resolve_sampling(preset, lay, dict(overrides or {}))
@@ -101,8 +105,8 @@ def refuse_existing(paths: dict, overwrite: bool) -> None:
                             "pass `overwrite` or choose another `out_dir`")
 
 
-def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=None,
-             log: Callable[[str], None] = print, **fields) -> dict:
+def generate(layout_path: str, options: GenerateOptions | None = None, *, sd: StableDiffusion | None = None,
+             log: Callable[[str], None] = print, **fields: Any) -> dict:
     """Renders one image per seed for a layout file; returns the written paths.
 
     `fields` replace fields of `options` (`generate(path, seeds=[0, 1], model=...)`); `sd`, a
@@ -147,7 +151,8 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd=Non
     return paths
 
 
-def draw_with_progress(core: LayoutSampler, prepared, seeds: Sequence[int], params, progress: bool):
+def draw_with_progress(core: LayoutSampler, prepared: Prepared, seeds: Sequence[int], params: Any,
+                       progress: bool) -> Drawn:
     """`core.sample` with a bar that counts images, one update per sampler call: a per-step host
     callback (`on_step`) would keep JAX from caching the compiled sampler on disk."""
     if not progress:
@@ -158,7 +163,7 @@ def draw_with_progress(core: LayoutSampler, prepared, seeds: Sequence[int], para
         return core.sample([(prepared, s) for s in seeds], params=params, on_batch=bar.update)
 
 
-def write_outputs(paths: dict, drawn, lay: layout_lib.Layout, opts: GenerateOptions) -> None:
+def write_outputs(paths: dict, drawn: Drawn, lay: layout_lib.Layout, opts: GenerateOptions) -> None:
     """The images, their grid and, when asked, the layout over each image and its attention maps."""
     os.makedirs(opts.out_dir, exist_ok=True)
     for k, img in enumerate(drawn.images):

@@ -28,12 +28,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from cones_jax import training
 from cones_jax.artifacts import (  # noqa: F401
@@ -51,6 +52,9 @@ from cones_jax.errors import NeuronsError
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
 
+if TYPE_CHECKING:
+    from cones_jax.pipeline import StableDiffusion
+
 CHECKPOINT_KIND = "cones1_neurons"
 CROSS_ATTENTION_KV = (r"attn2/to_k/kernel$", r"attn2/to_v/kernel$")
 SELF_ATTENTION_KV = (r"attn1/to_k/kernel$", r"attn1/to_v/kernel$")
@@ -61,7 +65,7 @@ SELF_ATTENTION_KV = (r"attn1/to_k/kernel$", r"attn1/to_v/kernel$")
 # --------------------------------------------------------------------------------------------
 
 
-def search_paths(unet_params, patterns: Sequence[str]) -> list[str]:
+def search_paths(unet_params: Mapping, patterns: Sequence[str]) -> list[str]:
     """"/"-joined paths of the UNet kernels matching any of the regex `patterns`, sorted."""
     names = ["/".join(p) for p in flatten(unet_params)]
     try:
@@ -76,7 +80,7 @@ def search_paths(unet_params, patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def scale_params(unet_params, xi: dict[str, jax.Array]):
+def scale_params(unet_params: Mapping, xi: dict[str, jax.Array]) -> dict:
     """Cones, Alg. A2: the searched kernels θ replaced by ξ⊙θ (the other parameters untouched)."""
     flat = flatten(unet_params)
     for path, x in xi.items():
@@ -85,7 +89,7 @@ def scale_params(unet_params, xi: dict[str, jax.Array]):
     return unflatten(flat)
 
 
-def initial_offsets(unet_params, paths: Sequence[str]) -> dict[str, jax.Array]:
+def initial_offsets(unet_params: Mapping, paths: Sequence[str]) -> dict[str, jax.Array]:
     """ξ − 1 per searched kernel, all zero at the start.
 
     ξ is stored as its offset from 1: with float32 ξ itself, updates of ρ·θ·∂L/∂θ (about 1e-8 at the
@@ -104,11 +108,11 @@ def restrict_updates(allowed: dict[str, Any] | None) -> optax.GradientTransforma
     """Zeroes the updates of ξ outside `allowed` ({path: elementwise 0/1 mask}); None allows all.
     Acts on the search's params tree, {"xi_offset": {path: ξ − 1}}."""
 
-    def init(params):
+    def init(params: Any):
         del params
         return optax.EmptyState()
 
-    def update(updates, state, params=None):
+    def update(updates: dict, state: optax.EmptyState, params: Any = None):
         del params
         if allowed is None:
             return updates, state
@@ -138,7 +142,7 @@ class LossSpec:
     prior_weight: float = 1.0  # λ
 
 
-def concept_errors(spec: LossSpec, xi_offset: dict, unet_params, ctx_NxLxD: jax.Array, mean: jax.Array,
+def concept_errors(spec: LossSpec, xi_offset: dict, unet_params: Mapping, ctx_NxLxD: jax.Array, mean: jax.Array,
                    std: jax.Array, rng: jax.Array) -> jax.Array:
     """Per-example denoising errors of latents drawn from N(mean, std²), under the kernels ξ⊙θ."""
     ac_T = jnp.asarray(spec.alphas_cumprod_T, jnp.float32)
@@ -177,7 +181,7 @@ def joint_concept_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict,
     """
     b, n_subj = batch["mean"].shape[:2]
 
-    def subject_major(x):  # [B, S, ...] -> [S*B, ...]
+    def subject_major(x: jax.Array):  # [B, S, ...] -> [S*B, ...]
         return jnp.swapaxes(x, 0, 1).reshape((n_subj * b,) + x.shape[2:])
 
     mean = jnp.concatenate([subject_major(batch["mean"]), subject_major(batch["prior_mean"])])
@@ -263,11 +267,11 @@ def only_at(indices: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) 
                                          shapes).items()}
 
 
-def unet_shapes(unet_params) -> dict[str, tuple[int, ...]]:
+def unet_shapes(unet_params: Mapping) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): tuple(v.shape) for k, v in flatten(unet_params).items()}
 
 
-def apply_neurons(unet_params, sets: Sequence[ConceptNeurons]):
+def apply_neurons(unet_params: Mapping, sets: Sequence[ConceptNeurons]) -> Mapping:
     """M⊙θ with M the product of the sets' masks (their union shut), computed once outside the sampler."""
     if not sets:
         return unet_params
@@ -277,7 +281,8 @@ def apply_neurons(unet_params, sets: Sequence[ConceptNeurons]):
     return scale_params(unet_params, {k: jnp.asarray(m) for k, m in mask.items()})
 
 
-def load_for_model(paths: Sequence[str], unet_params, *, fingerprint: str | None = None) -> list[ConceptNeurons]:
+def load_for_model(paths: Sequence[str], unet_params: Mapping, *,
+                   fingerprint: str | None = None) -> list[ConceptNeurons]:
     """The `.cones` files at `paths`, checked against the UNet of `unet_params` and `fingerprint`: the
     loaded model's own (`StableDiffusion.unet_fingerprint`, the same in any dtype). Without it the
     fingerprint of `unet_params` as they are is used, which is the model's own only for fp32 params
@@ -289,7 +294,7 @@ def load_for_model(paths: Sequence[str], unet_params, *, fingerprint: str | None
     return [load_neurons(p, unet_fingerprint=fp, unet_shapes=shapes) for p in paths]
 
 
-def params_with_neurons(sd, paths: Sequence[str]) -> tuple[dict, int]:
+def params_with_neurons(sd: StableDiffusion, paths: Sequence[str]) -> tuple[dict, int]:
     """`sd.params` with the union of the concept neurons of the `.cones` files at `paths` shut in the
     UNet (M⊙θ, once, outside the sampler; checked against `sd`'s UNet), and how many that shuts."""
     sets = load_for_model(list(paths), sd.params["unet"], fingerprint=sd.unet_fingerprint)
@@ -339,7 +344,7 @@ class NeuronSetup:
         return make_loss_fn(self.spec)
 
 
-def class_images(sd, folder: str, class_word: str, cfg: dict, *, log: Callable[[str], None]) -> None:
+def class_images(sd: StableDiffusion, folder: str, class_word: str, cfg: dict, *, log: Callable[[str], None]) -> None:
     """Fills `folder` up to cfg["num_class_images"] images of the class prompt, made by the base model
     with our sampler (kept for later runs)."""
     from PIL import Image
@@ -375,7 +380,8 @@ def default_class_dir(unet_fingerprint: str, cfg: dict, class_word: str) -> str:
 
 
 def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | None = None,
-                  dtype: str = "fp32", log: Callable[[str], None] = print, sd=None) -> NeuronSetup:
+                  dtype: str = "fp32", log: Callable[[str], None] = print,
+                  sd: StableDiffusion | None = None) -> NeuronSetup:
     """Loads the model (unless `sd`, a loaded pipeline, is given), encodes subject and class images
     once, precomputes the two prompt encodings."""
     from cones_jax.pipeline import load_pipeline
@@ -419,7 +425,7 @@ class JointSetup:
 
     setups: list[NeuronSetup]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         first = self.setups[0]
         self.cfg, self.paths, self.fingerprint, self.shapes = first.cfg, first.paths, first.fingerprint, first.shapes
         self.spec = first.spec
@@ -439,7 +445,7 @@ class JointSetup:
 
 
 def search(setup: NeuronSetup | JointSetup, *, steps: int, checkpointer: training.Checkpointer | None = None,
-           resume: bool = False, progress: bool = True, allowed: dict | None = None, mesh=None,
+           resume: bool = False, progress: bool = True, allowed: dict | None = None, mesh: Mesh | None = None,
            log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[dict]]:
     """K steps of gradient descent on ξ; returns the scores M_p per tensor and the step metrics."""
     cfg = setup.cfg
@@ -477,7 +483,7 @@ class SearchOptions:
 
 def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, options: SearchOptions | None = None,
                   *, history: list | None = None, log: Callable[[str], None] | None = None,
-                  **fields) -> ConceptNeurons:
+                  **fields: Any) -> ConceptNeurons:
     """Finds a subject's concept neurons (Alg. A2) from the photos in `images_dir`; writes `out` atomically.
 
     `fields` replace fields of `options`; `history` (a list) receives the per-step metrics.
@@ -541,7 +547,7 @@ class JointOptions:
 
 def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Sequence[str], out: str,
                    options: JointOptions | None = None, *, history: list | None = None,
-                   log: Callable[[str], None] | None = None, **fields) -> ConceptNeurons:
+                   log: Callable[[str], None] | None = None, **fields: Any) -> ConceptNeurons:
     """Cones, Sec. 3.3: re-runs the search on ξ with the summed loss of all subjects, updating ξ only at
     the union of their concept neurons (an optax mask), and keeps the union's neurons whose joint score
     M_p exceeds τ (default `joint_tau`: those whose shutting lowers the summed loss to first order), or

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from cones_jax import weights
 from cones_jax.convert import Fingerprint, flatten
@@ -27,13 +29,15 @@ from cones_jax.models.vae import AutoencoderKL, VAEConfig, vae_rename
 from cones_jax.schedulers import SchedulerConfig
 from cones_jax.tokenizer import ClipTokenizer, load_tokenizer
 
+_ConfigT = TypeVar("_ConfigT", UNetConfig, VAEConfig, CLIPTextConfig)
+
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
           "fp16": jnp.float16, "float16": jnp.float16}
 
 
-def parse_dtype(name_or_dtype) -> Any:
+def parse_dtype(name_or_dtype: str | DTypeLike) -> Any:
     if not isinstance(name_or_dtype, str):
         return name_or_dtype
     if name_or_dtype not in DTYPES:
@@ -87,7 +91,7 @@ def _component_dir(folder: str, name: str) -> str:
     return path
 
 
-def component_config(cls, component_dir: str):
+def component_config(cls: type[_ConfigT], component_dir: str) -> _ConfigT:
     """A component's config.json as `cls`; a value our modules do not implement is the folder's fault."""
     try:
         return cls.from_dict(weights.read_config(component_dir))
@@ -95,8 +99,9 @@ def component_config(cls, component_dir: str):
         raise CheckpointError(f"{component_dir}/config.json: {e}") from None
 
 
-def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None,
-              fingerprint: Fingerprint | None = None):
+def load_unet(component_dir: str, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike | None = None,
+              variant: str | None = None,
+              fingerprint: Fingerprint | None = None) -> tuple[UNet2DConditionModel, dict]:
     """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
     cfg = component_config(UNetConfig, component_dir)
     module = UNet2DConditionModel(cfg, dtype=dtype)
@@ -105,7 +110,8 @@ def load_unet(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=N
     return module, params
 
 
-def load_vae(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=None):
+def load_vae(component_dir: str, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike | None = None,
+             variant: str | None = None) -> tuple[AutoencoderKL, dict]:
     cfg = component_config(VAEConfig, component_dir)
     module = AutoencoderKL(cfg, dtype=dtype)
     params = weights.load_params(component_dir, module.param_shapes(), rename=vae_rename,
@@ -113,8 +119,9 @@ def load_vae(component_dir: str, dtype=jnp.float32, param_dtype=None, variant=No
     return module, params
 
 
-def load_text_encoder(component_dir: str, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
-                      remat: bool = False, fingerprint: Fingerprint | None = None):
+def load_text_encoder(component_dir: str, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32,
+                      variant: str | None = None, remat: bool = False,
+                      fingerprint: Fingerprint | None = None) -> tuple[CLIPTextTransformer, dict]:
     """(module, params); a `fingerprint` is fed the weights as stored (`weights.load_params`)."""
     cfg = component_config(CLIPTextConfig, component_dir)
     module = CLIPTextTransformer(cfg, dtype=dtype, remat=remat)
@@ -124,7 +131,7 @@ def load_text_encoder(component_dir: str, dtype=jnp.float32, param_dtype=jnp.flo
     return module, params
 
 
-def fingerprint_params(tree) -> str:
+def fingerprint_params(tree: Mapping) -> str:
     """The `convert.Fingerprint` of a params tree as it is in memory, i.e. after any dtype cast; a loaded
     model's own identity is the one computed from its file (`StableDiffusion.unet_fingerprint`,
     `.text_encoder_fingerprint`), equal to this for fp32 weights stored in fp32."""
@@ -134,7 +141,8 @@ def fingerprint_params(tree) -> str:
     return fingerprint.hexdigest()
 
 
-def load_pipeline(folder: str, dtype="fp32", *, param_dtype=None, variant: str | None = None,
+def load_pipeline(folder: str, dtype: str | DTypeLike = "fp32", *, param_dtype: str | DTypeLike | None = None,
+                  variant: str | None = None,
                   components: tuple[str, ...] = COMPONENTS) -> StableDiffusion:
     """Loads the named components of a diffusers Stable Diffusion folder.
 

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,9 @@ from cones_jax.models.clip_text import CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
+
+if TYPE_CHECKING:
+    from cones_jax.tokenizer import ClipTokenizer
 
 PRESETS = {"official": "cones2_train_official", "paper": "cones2_train_paper"}
 CHECKPOINT_KIND = "cones2_residual"
@@ -97,7 +100,7 @@ def generate_sentences(word: str, num: int, seed: int = 0) -> list[str]:
     return [sentences[i] for i in order[:num]]
 
 
-def read_sentences(path: str, word: str, tokenizer) -> list[str]:
+def read_sentences(path: str, word: str, tokenizer: ClipTokenizer) -> list[str]:
     """A user's sentence file (one per line); lines that do not contain the word are dropped with a warning."""
     if not os.path.isfile(path):
         raise ResidualError(f"sentence file {path} does not exist")
@@ -112,7 +115,7 @@ def read_sentences(path: str, word: str, tokenizer) -> list[str]:
     return kept
 
 
-def subject_rows(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
+def subject_rows(tokenizer: ClipTokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
     """[P, n] positions of the first occurrence of `word`'s sub-words in each encoded prompt."""
     rows = []
     for _p, row in enumerate(ids_PxL):
@@ -123,7 +126,7 @@ def subject_rows(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
-def subject_mask(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
+def subject_mask(tokenizer: ClipTokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
     """[P, L] True at every position of every occurrence of `word` (the free positions of Eq. 3)."""
     mask = np.zeros(ids_PxL.shape, bool)
     for p, row in enumerate(ids_PxL):
@@ -137,15 +140,16 @@ def subject_mask(tokenizer, ids_PxL: np.ndarray, word: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _safe_norm(x: jax.Array, axis) -> jax.Array:
+def _safe_norm(x: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
     """L2 norm with gradient 0 (not NaN) at 0 — where every preservation term starts."""
     sq = jnp.sum(jnp.square(x), axis=axis)
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def subject_loss(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array, noise_BxhxwxC: jax.Array,
-                 t_B: jax.Array, alphas_cumprod_T: jax.Array, prediction_type: str) -> jax.Array:
+def subject_loss(unet: UNet2DConditionModel, unet_params: Any, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array,
+                 noise_BxhxwxC: jax.Array, t_B: jax.Array, alphas_cumprod_T: jax.Array,
+                 prediction_type: str) -> jax.Array:
     """Cones 2, Eq. 2 (L_sub): denoising MSE of the frozen UNet conditioned on the trained encoder's output.
 
     Target ε or v per the scheduler's prediction type. Returns the mean over the batch of per-example
@@ -250,7 +254,7 @@ def residual_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, draws
 def make_loss_fn(spec: LossSpec) -> training.LossFn:
     """loss_fn(params, frozen, batch, rng) for `training.make_train_step`."""
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params: Any, frozen: dict, batch: dict, rng: jax.Array):
         n = frozen["reg_ids"].shape[0] if "reg_ids" in frozen else 1
         return residual_loss(spec, params, frozen, batch, draw(spec, rng, batch["mean"].shape, n))
 
@@ -262,7 +266,7 @@ def make_loss_fn(spec: LossSpec) -> training.LossFn:
 # --------------------------------------------------------------------------------------------
 
 
-def encode_prompts(text: CLIPTextTransformer, params, ids_PxL: np.ndarray, chunk: int = 32) -> np.ndarray:
+def encode_prompts(text: CLIPTextTransformer, params: Any, ids_PxL: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Encoder outputs [P, L, D] in fixed-size chunks (the last one padded), so one compile serves all."""
     fn = jax.jit(lambda p, ids: text.apply({"params": p}, ids)["last_hidden_state"])
     out = []
@@ -273,7 +277,8 @@ def encode_prompts(text: CLIPTextTransformer, params, ids_PxL: np.ndarray, chunk
     return np.concatenate(out)
 
 
-def compute_residual(text: CLIPTextTransformer, tuned_params, frozen_params, tokenizer, word: str,
+def compute_residual(text: CLIPTextTransformer, tuned_params: Any, frozen_params: Any, tokenizer: ClipTokenizer,
+                     word: str,
                      prompts: Sequence[str]) -> np.ndarray:
     """Δ for `word` over `prompts` (Eq. 5), [n, D] float32."""
     ids_PxL = tokenizer.encode(list(prompts))

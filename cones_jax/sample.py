@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cones_jax.generate import GenerateOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args: argparse.Namespace):
+def options(args: argparse.Namespace) -> GenerateOptions:
     """The parsed flags as `GenerateOptions`; --steps, --scheduler and --cfg are sugar for --set keys
     (and win over them)."""
     from cones_jax.config import parse_overrides

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from cones_jax import layout as layout_lib
 from cones_jax.errors import GenerateError
 from cones_jax.layout.draw import to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
+
+if TYPE_CHECKING:
+    from cones_jax.pipeline import StableDiffusion
 
 
 @dataclasses.dataclass
@@ -56,8 +59,9 @@ def config_value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
         return default
 
 
-def prepare_layout(sd, lay, cfg: dict, *, height: int | None = None, width: int | None = None,
-                   negative_prompt: str | None = None, allow_pickle: bool = False) -> Prepared:
+def prepare_layout(sd: StableDiffusion, lay: layout_lib.Layout, cfg: dict, *, height: int | None = None,
+                   width: int | None = None, negative_prompt: str | None = None,
+                   allow_pickle: bool = False) -> Prepared:
     """Layout -> token ids, residual rows (Cones 2, Eq. 6) and per-resolution γ maps."""
     tok = sd.tokenizer
     ids = tok.encode([lay.prompt])[0]
@@ -94,7 +98,7 @@ def prepare_layout(sd, lay, cfg: dict, *, height: int | None = None, width: int 
     return Prepared(ids, neg_ids, rows, maps, masks, positions, height, width)
 
 
-def prepare_prompt(sd, prompt: str, *, negative_prompt: str = "") -> Prepared:
+def prepare_prompt(sd: StableDiffusion, prompt: str, *, negative_prompt: str = "") -> Prepared:
     """A plain prompt at the model's own size: no subjects, residuals or maps (text-to-image)."""
     tok = sd.tokenizer
     ids = tok.encode([prompt])[0]
@@ -120,7 +124,7 @@ def guidance_sigmas(cfg: Mapping[str, Any], schedule: schedulers.Schedule, guida
     return out
 
 
-def make_schedule(sd, cfg: Mapping[str, Any]) -> schedulers.Schedule:
+def make_schedule(sd: StableDiffusion, cfg: Mapping[str, Any]) -> schedulers.Schedule:
     sched_cfg = sd.scheduler
     spacing = config_value(cfg, "timestep_spacing")
     if spacing:
@@ -179,7 +183,7 @@ def device_memory_bytes(n_devices: int) -> int | None:
     return int(0.8 * host / n_devices)
 
 
-def fits_in_memory(compiled, n_devices: int) -> bool:
+def fits_in_memory(compiled: jax.stages.Compiled, n_devices: int) -> bool:
     """Whether XLA's buffer plan of a compiled call (per device) fits its device's memory."""
     analysis = compiled.memory_analysis()
     limit = device_memory_bytes(n_devices)
@@ -241,9 +245,10 @@ class LayoutSampler:
     reuses them.
     """
 
-    def __init__(self, sd, cfg: Mapping[str, Any], *, guided: bool = True, attention_maps: bool = False,
-                 batch: int | None = None, negative_prompt: str | None = None, allow_pickle: bool = False,
-                 on_step: Callable[[int], None] | None = None):
+    def __init__(self, sd: StableDiffusion, cfg: Mapping[str, Any], *, guided: bool = True,
+                 attention_maps: bool = False, batch: int | None = None, negative_prompt: str | None = None,
+                 allow_pickle: bool = False,
+                 on_step: Callable[[int], None] | None = None) -> None:
         if cfg["scheduler"] not in schedulers.KINDS:
             raise GenerateError(f"`scheduler` {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
         if batch is not None and batch < 1:
@@ -290,7 +295,7 @@ class LayoutSampler:
             noise=jnp.asarray(noise), cfg_scale=jnp.float32(self.cfg["cfg_scale"]),
             renoise_keys=renoise_keys(seeds), guidance=g, guided_steps=jnp.int32(self.guided_steps))
 
-    def plan(self, params, prepared: Sequence[Prepared], seeds: Sequence[int]) -> Plan:
+    def plan(self, params: Any, prepared: Sequence[Prepared], seeds: Sequence[int]) -> Plan:
         """The compiled sampler for these jobs: the fixed batch, or all of them at once, halved
         (keeping every device busy) until XLA's buffer plan fits in device memory."""
         n = len(seeds)
@@ -307,7 +312,7 @@ class LayoutSampler:
                 return Plan(compiled, mesh, b, placed)
             b = max(mesh.size, b // 2 // mesh.size * mesh.size)
 
-    def sample(self, jobs: Sequence[tuple[layout_lib.Layout | str | Prepared, int]], *, params=None,
+    def sample(self, jobs: Sequence[tuple[layout_lib.Layout | str | Prepared, int]], *, params: Any = None,
                on_batch: Callable[[int], None] | None = None) -> Drawn:
         """One image per (layout or prompt, seed) job, in order. `params` (default `sd.params`):
         other weights of the same shapes, e.g. a UNet with concept neurons shut
@@ -337,14 +342,15 @@ class LayoutSampler:
         seconds = time.perf_counter() - t0
         return Drawn(np.stack(images), prepared, attention, seconds, plan.compiled, plan.batch, plan.mesh.size)
 
-    def draw(self, layouts: Sequence[layout_lib.Layout | str], seeds: Sequence[int], *, params=None,
+    def draw(self, layouts: Sequence[layout_lib.Layout | str], seeds: Sequence[int], *, params: Any = None,
              on_batch: Callable[[int], None] | None = None) -> Drawn:
         """One image per (layout, seed) pair, layouts outer: `sample` over their product."""
         return self.sample([(lay, s) for lay in layouts for s in seeds], params=params, on_batch=on_batch)
 
 
-def sample_prompts(sd, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, cfg_scale: float = 7.5,
-                   scheduler: str = "ddim", negative_prompt: str = "", batch: int = 8, params=None) -> np.ndarray:
+def sample_prompts(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
+                   cfg_scale: float = 7.5, scheduler: str = "ddim", negative_prompt: str = "", batch: int = 8,
+                   params: Any = None) -> np.ndarray:
     """Plain text-to-image (no layout): one uint8 image [H, W, 3] per (prompt, seed), `batch` at a
     time through one compiled sampler."""
     if len(prompts) != len(seeds):

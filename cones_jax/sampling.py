@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import flax
 import jax
@@ -28,10 +28,25 @@ from cones_jax import schedulers
 from cones_jax.models import attention
 from cones_jax.models.vae import unscale_latents
 
+if TYPE_CHECKING:
+    from cones_jax.models.clip_text import CLIPTextTransformer
+    from cones_jax.models.unet import UNet2DConditionModel
+    from cones_jax.models.vae import AutoencoderKL
+
 Array = jax.Array
 
 # (scores S [2B, H, Q, K] fp32, (h, w), step index i, guidance pytree) -> additive bias
 StepBiasFn = Callable[[Array, tuple[int, int], Array, Any], Array]
+
+
+class SamplerModel(Protocol):
+    """What the sampler reads of a loaded model: a `cones_jax.pipeline.StableDiffusion`, which this
+    layer does not import (docs/ARCHITECTURE.md)."""
+
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextTransformer | None
+    compiled: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +75,7 @@ class SampleInputs:
     guided_steps: Array = None  # [] int: steps [0, guided_steps) get the bias and self-recurrence
 
 
-def encode_text(text_module, text_params, ids_BxL: Array) -> Array:
+def encode_text(text_module: CLIPTextTransformer, text_params: Any, ids_BxL: Array) -> Array:
     return text_module.apply({"params": text_params}, ids_BxL)["last_hidden_state"]
 
 
@@ -79,8 +94,9 @@ def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
     return x_Bx2x[:, 0], x_Bx2x[:, 1]
 
 
-def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, debug: bool = False,
-                 on_step: Callable[[int], None] | None = None):
+def make_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, debug: bool = False,
+                 on_step: Callable[[int], None] | None = None,
+                 ) -> Callable[[Any, schedulers.Schedule, SampleInputs], Any]:
     """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
 
     `sd` is a `cones_jax.pipeline.StableDiffusion`; `params` its params dict. With `debug`, the
@@ -90,7 +106,8 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, de
     """
     unet, vae, text = sd.unet, sd.vae, sd.text_encoder
 
-    def denoise(params, schedule, context_2BxLxE, x, i, inputs):
+    def denoise(params: Any, schedule: schedulers.Schedule, context_2BxLxE: Array, x: Array, i: Array | int,
+                inputs: SampleInputs):
         """CFG-combined model output at step i, and the sown attention maps (or None).
 
         On guided steps the cross-attention bias is on (the unconditional rows get none); past
@@ -109,7 +126,7 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, de
         uncond, cond = cfg_halves(out.astype(jnp.float32))
         return uncond + inputs.cfg_scale * (cond - uncond), inter
 
-    def sample(params, schedule: schedulers.Schedule, inputs: SampleInputs):
+    def sample(params: Any, schedule: schedulers.Schedule, inputs: SampleInputs):
         cond = encode_text(text, params["text_encoder"], inputs.prompt_ids) + inputs.token_residuals
         uncond = encode_text(text, params["text_encoder"], inputs.negative_ids)
         context = cfg_batch(uncond, cond.astype(uncond.dtype))
@@ -118,12 +135,12 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, de
         guided = inputs.guided_steps if inputs.guided_steps is not None else jnp.zeros((), jnp.int32)
         inputs = inputs.replace(guided_steps=guided)
 
-        def one_step(i, carry):
+        def one_step(i: Array | int, carry: tuple[Array, Any, Any]):
             # Cones 2 official self-recurrence: a guided step is taken, taken back to level i with
             # fresh noise, and taken again; unguided steps run once.
             reps = (1 + (i < guided).astype(jnp.int32)) if spec.self_recurrence else 1
 
-            def inner(k, c):
+            def inner(k: Array | int, c: tuple[Array, Any, Any]):
                 x, state, maps = c
                 eps, inter = denoise(params, schedule, context, x, i, inputs)
                 x_next, new_state = schedulers.step(schedule, state, eps, i, x)
@@ -161,7 +178,7 @@ def make_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, de
     return sample if debug else jax.jit(sample)
 
 
-def python_loop(lo: int, hi, body: Callable, carry):
+def python_loop(lo: int, hi: int | Array, body: Callable[[int, Any], Any], carry: Any) -> Any:
     """`lax.fori_loop` as a Python loop (the sampler's eager debug path)."""
     for i in range(lo, int(hi)):
         carry = body(i, carry)
@@ -187,7 +204,7 @@ class CompiledSampler(NamedTuple):
 _DISK_HITS = [0]
 
 
-def _count_disk_hits(event: str, **_) -> None:
+def _count_disk_hits(event: str, **_: object) -> None:
     if event == "/jax/compilation_cache/cache_hits":
         _DISK_HITS[0] += 1
 
@@ -195,14 +212,15 @@ def _count_disk_hits(event: str, **_) -> None:
 jax.monitoring.register_event_listener(_count_disk_hits)
 
 
-def _signature(tree) -> tuple:
+def _signature(tree: Any) -> tuple:
     """What a compiled executable depends on in its arguments: structure, shapes, dtypes, shardings."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return (treedef,) + tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
-def compile_sampler(sd, spec: SamplerSpec, bias_fn: StepBiasFn | None, params, schedule: schedulers.Schedule,
-                    inputs: SampleInputs, *, on_step: Callable[[int], None] | None = None) -> CompiledSampler:
+def compile_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None, params: Any,
+                    schedule: schedulers.Schedule, inputs: SampleInputs, *,
+                    on_step: Callable[[int], None] | None = None) -> CompiledSampler:
     """The sampler for these arguments' shapes and shardings, compiled ahead of time.
 
     Kept per model (on `sd.compiled`) by spec, bias function, step callback, attention kernel and

@@ -43,7 +43,7 @@ def byte_characters() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
 
 
-def _special_token_text(value) -> str | None:
+def _special_token_text(value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
@@ -73,7 +73,7 @@ class ClipTokenizer:
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, bos_token: str = BOS_TOKEN,
                  eos_token: str = EOS_TOKEN, pad_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN,
                  max_length: int = _DEFAULT_MAX_LENGTH,
-                 added_tokens: Iterable[tuple[str, int | None, bool, bool]] = ()):
+                 added_tokens: Iterable[tuple[str, int | None, bool, bool]] = ()) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (start and end tokens), got {max_length}")
         self.max_length = int(max_length)
@@ -205,7 +205,7 @@ def _parse_merges(lines: Iterable, path: str) -> list[tuple[str, str]]:
     return merges
 
 
-def _token_spec(value) -> tuple[str, bool] | None:
+def _token_spec(value: object) -> tuple[str, bool] | None:
     """A special token as written in tokenizer_config / special_tokens_map -> (content, normalized).
 
     transformers reads a plain string as an AddedToken with normalized=False, a dict with its own flag

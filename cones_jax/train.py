@@ -20,7 +20,7 @@ import argparse
 import sys
 
 
-def _residual_parser(sub) -> None:
+def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("residual", help="Cones 2: fine-tune the text encoder on a subject and keep Δ",
                        description="Cones 2 residual token embedding (Sec. 3.2, Eqs. 2-5).")
     p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
@@ -54,7 +54,7 @@ def _residual_parser(sub) -> None:
                    help="override a config value, type-checked (repeatable)")
 
 
-def _neurons_parser(sub) -> None:
+def _neurons_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("neurons", help="Cones: find the concept neurons of a subject (a sparse index set)",
                        description="Cones concept neurons (Sec. 3, Algorithm A2).")
     p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
@@ -84,7 +84,7 @@ def _neurons_parser(sub) -> None:
                    help="override a config value, type-checked (repeatable)")
 
 
-def _joint_parser(sub) -> None:
+def _joint_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("neurons-joint", help="Cones Sec. 3.3: fine-tune the union of several subjects' neurons",
                        description="Re-run the concept-neuron search with the summed loss of all subjects, "
                                    "restricted to the union of their neurons (Cones, Sec. 3.3).")

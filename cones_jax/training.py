@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +33,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cones_jax.errors import ConfigError, DataError, DivergedError
 from cones_jax.fileio import CheckpointError
 from cones_jax.schedulers import add_noise, training_target
+
+if TYPE_CHECKING:
+    from cones_jax.models.unet import UNet2DConditionModel
+    from cones_jax.models.vae import AutoencoderKL
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATA_AXIS = "data"
@@ -158,7 +163,8 @@ class LatentCache:
         return {"mean": np.stack(means), "std": np.stack(stds)}
 
 
-def encode_images(vae, vae_params, images: Sequence[np.ndarray], crop_hw: tuple[int, int]) -> LatentCache:
+def encode_images(vae: AutoencoderKL, vae_params: Any, images: Sequence[np.ndarray],
+                  crop_hw: tuple[int, int]) -> LatentCache:
     """Encodes each image once (one compile per distinct image size)."""
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
     means, stds = [], []
@@ -241,9 +247,9 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def denoising_errors(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array,
+def denoising_errors(unet: UNet2DConditionModel, unet_params: Any, cond_BxLxD: jax.Array, latents_BxhxwxC: jax.Array,
                      noise_BxhxwxC: jax.Array, t_B: jax.Array, alphas_cumprod_T: jax.Array,
-                     prediction_type: str, *, with_attention: bool = False):
+                     prediction_type: str, *, with_attention: bool = False) -> jax.Array | tuple[jax.Array, Any]:
     """Per-example mean squared error [B] of the UNet's ε or v prediction for latents noised to level t:
     the denoising loss every trainer here builds on. With `with_attention`, also the cross-attention
     probabilities of every layer (the UNet's sown "intermediates", each [B, Q, K], head-averaged)."""
@@ -256,7 +262,8 @@ def denoising_errors(unet, unet_params, cond_BxLxD: jax.Array, latents_BxhxwxC: 
     return (errors_B, sown["intermediates"]) if with_attention else errors_B
 
 
-def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float = 0.999):
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                  ema_decay: float = 0.999) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
     """The pure step `(state, frozen, batch) -> (state, metrics)` before jit. A state holding "ema" also
     gets its moving average updated with `ema_decay`."""
 
@@ -281,7 +288,7 @@ class TrainStep:
     along the mesh's data axis; the state argument is donated. Call as `step(state, batch)`."""
 
     def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, frozen: Any,
-                 ema_decay: float = 0.999):
+                 ema_decay: float = 0.999) -> None:
         self.mesh = mesh
         rep = replicated(mesh)
         self.frozen = jax.device_put(frozen, rep)
@@ -351,7 +358,7 @@ class Checkpointer:
     """Orbax checkpoints of the train state only (trainable params, optimiser state, step, RNG) plus
     JSON metadata naming the base model; a checkpoint of another base model is refused."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, metadata: dict):
+    def __init__(self, directory: str, *, every: int, keep: int, metadata: dict) -> None:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
@@ -445,7 +452,7 @@ _FAST_FP32 = (None, "default", "fastest")
 _STRICT_FP32 = ("highest", "float32", "f32_f32_f32")
 
 
-def peak_tflops(device_kind: str, dtype, matmul_precision: str | None = None) -> float | None:
+def peak_tflops(device_kind: str, dtype: DTypeLike, matmul_precision: str | None = None) -> float | None:
     """Dense peak TFLOP/s of one `device_kind` device for matmuls in `dtype` (under `matmul_precision`,
     jax's default matmul precision, for fp32) from `PEAK_TFLOPS`; None for a device, dtype or
     precision without a figure (a CPU, say)."""
@@ -464,7 +471,7 @@ def peak_tflops(device_kind: str, dtype, matmul_precision: str | None = None) ->
     return None
 
 
-def matmul_dtype(*trees) -> Any:
+def matmul_dtype(*trees: Any) -> Any:
     """The floating dtype holding most parameters of `trees`: the frozen UNet's in every trainer here,
     whose matmuls are most of a step's FLOPs, so it picks the peak that MFU is measured against."""
     counts: dict[Any, int] = {}
@@ -474,7 +481,7 @@ def matmul_dtype(*trees) -> Any:
     return max(counts, key=counts.get) if counts else jnp.dtype(jnp.float32)
 
 
-def step_flops(compiled) -> float | None:
+def step_flops(compiled: jax.stages.Compiled) -> float | None:
     """FLOPs of one run of a compiled executable on one device, from XLA's `cost_analysis()`; None where
     the backend does not count them.
 

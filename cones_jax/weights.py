@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+import numpy.typing as npt
 
 from cones_jax import convert
 from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle
@@ -71,7 +72,7 @@ def load_params(
     target: Mapping,
     *,
     rename: Callable[[str], str | None] = lambda k: k,
-    dtype=None,
+    dtype: npt.DTypeLike | None = None,
     variant: str | None = None,
     component: str | None = None,
     fingerprint: convert.Fingerprint | None = None,

@@ -27,6 +27,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,12 @@ from cones_jax.models.unet import UNet2DConditionModel, UNetConfig, cross_attent
 from cones_jax.models.vae import AutoencoderKL, VAEConfig
 from cones_jax.residual import TI_TEMPLATES
 from cones_jax.schedulers import SchedulerConfig, alphas_cumprod
+
+if TYPE_CHECKING:
+    import flax.linen as nn
+
+    from cones_jax.pipeline import StableDiffusion
+    from cones_jax.tokenizer import ClipTokenizer
 
 # The recipe: a typed config (cones_jax/configs/demo_base_model.py); the architecture follows.
 RECIPE = load_config("demo_base_model")
@@ -138,7 +146,8 @@ KL_WEIGHT = RECIPE.kl_weight
 ARCHITECTURE_KEYS = ("max_length", "text_width", "latent_factor", "kl_weight")  # read at import, not per run
 
 
-def vae_loss(vae: AutoencoderKL, params, frozen, batch, rng):
+def vae_loss(vae: AutoencoderKL, params: Any, frozen: Any, batch: dict,
+             rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L1 + L2 reconstruction of a sampled latent, plus a small KL term (as SD's autoencoder, without
     the perceptual and adversarial terms, which flat-coloured shapes do not need)."""
     del frozen
@@ -158,7 +167,8 @@ def optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformatio
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01))
 
 
-def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int, lr: float, batch: int,
+def train_stage(name: str, workdir: str, loss_fn: training.LossFn, params: Any,
+                batches: Callable[[int], dict], *, steps: int, lr: float, batch: int,
                 ema: bool, seed: int = 0, checkpoint_every: int = 500, export_only: bool = False) -> dict:
     """Runs one resumable training stage; returns the final state (with `export_only`, the latest
     checkpoint's). `seed` keys the noise and timesteps."""
@@ -185,7 +195,8 @@ def train_stage(name: str, workdir: str, loss_fn, params, batches, *, steps: int
     return state
 
 
-def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
+def encode_dataset(vae: AutoencoderKL, params: Any, images: np.ndarray,
+                   chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
                                          method=AutoencoderKL.encode))
     means, stds = [], []
@@ -201,7 +212,7 @@ def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, chunk: int = 
 # --------------------------------------------------------------------------------------------
 
 
-def min_snr_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
+def min_snr_weight(alphas_cumprod_T: jax.Array, t_B: jax.Array, gamma: float = 5.0) -> jax.Array:
     """Min-SNR-γ loss weight for v-prediction: min(SNR, γ) / (SNR + 1) (Hang et al., 2023). At low SNR
     it falls like SNR, so the high-noise steps, where a sample's layout (how many objects, where,
     how big) is decided, get almost no gradient."""
@@ -210,7 +221,7 @@ def min_snr_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
     return jnp.minimum(snr, gamma) / (snr + 1.0)
 
 
-def clipped_v_weight(alphas_cumprod_T, t_B, gamma: float = 5.0):
+def clipped_v_weight(alphas_cumprod_T: jax.Array, t_B: jax.Array, gamma: float = 5.0) -> jax.Array:
     """min(SNR + 1, γ) / (SNR + 1): the plain v loss (weight 1) wherever SNR + 1 <= γ, and min-SNR's
     clamp above. In x₀ terms the v loss weighs SNR + 1; this clips that weight at γ, where min-SNR
     clips SNR itself and so starves the high-noise steps."""
@@ -238,7 +249,7 @@ def unet_batch_indices(step: int, batch: int, n_scenes: int, singles: np.ndarray
 LOSS_WEIGHTS = {"min_snr": min_snr_weight, "clipped_v": clipped_v_weight}
 
 
-def sample_timesteps(rng, n: int, num_train_timesteps: int, power: float = 0.0):
+def sample_timesteps(rng: jax.Array, n: int, num_train_timesteps: int, power: float = 0.0) -> jax.Array:
     """Training timesteps with density ∝ (t / T)^power: uniform at 0, and at 1 twice the share of the
     steps above t = 0.85 T (28% against 15%), the band where, on this schedule, a sample's shape is
     decided: from t = 0.85 T the model keeps the shape it is given (docs/demo_model_training.md)."""
@@ -259,7 +270,7 @@ def cross_attention_sides(unet: UNet2DConditionModel) -> tuple[int, ...]:
     return tuple(h for h, _ in cross_attention_resolutions(unet.config, (side, side)))
 
 
-def grounded_word_ids(tok) -> dict[int, str]:
+def grounded_word_ids(tok: ClipTokenizer) -> dict[int, str]:
     """Token id -> word for GROUNDED_WORDS, each of which the demo tokenizer keeps whole."""
     out = {}
     for word in GROUNDED_WORDS:
@@ -270,7 +281,8 @@ def grounded_word_ids(tok) -> dict[int, str]:
     return out
 
 
-def grounding_targets(scenes, ids_BxL: np.ndarray, word_ids: dict[int, str], sides: tuple[int, ...]) -> dict:
+def grounding_targets(scenes: Sequence[world.Scene], ids_BxL: np.ndarray, word_ids: dict[int, str],
+                      sides: tuple[int, ...]) -> dict:
     """{f"ground_{s*s}": float32 [B, s*s, L]}: for each caption token that names an object trait
     (`word_ids`: token id -> word), the share of each cell of the s x s grid covered by the objects
     of its scene with that trait (all of them: "red" grounds in every red object); 0 for other tokens."""
@@ -293,12 +305,12 @@ def grounding_targets(scenes, ids_BxL: np.ndarray, word_ids: dict[int, str], sid
     return {f"ground_{s * s}": v for s, v in out.items()}
 
 
-def attention_share(probs_BxQxK, cover_BxQxK):
+def attention_share(probs_BxQxK: jax.Array, cover_BxQxK: jax.Array) -> jax.Array:
     """[B, K]: the share of each token's attention mass that falls on its cover (`grounding_targets`)."""
     return jnp.sum(probs_BxQxK * cover_BxQxK, axis=1) / (jnp.sum(probs_BxQxK, axis=1) + 1e-8)
 
 
-def grounding_loss(attention_tree, batch: dict) -> jax.Array:
+def grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
     """Token grounding (TokenCompose's token loss, Wang et al., 2024): for each caption token that names
     an object trait, (1 - the share of its cross-attention mass that falls on those objects)², averaged
     over such tokens and over every cross-attention layer. It teaches the model what Stable Diffusion
@@ -313,14 +325,15 @@ def grounding_loss(attention_tree, batch: dict) -> jax.Array:
 
 
 def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
-                        weighting: str = "clipped_v", timestep_power: float = 0.0, grounding_weight: float = 0.0):
+                        weighting: str = "clipped_v", timestep_power: float = 0.0,
+                        grounding_weight: float = 0.0) -> training.LossFn:
     """The UNet stage's loss; with `grounding_weight` > 0, plus that times `grounding_loss` (the batch
     then carries `grounding_targets`)."""
     weight = LOSS_WEIGHTS[weighting]
     ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
     grounded = grounding_weight > 0.0
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
         del frozen
         k_z, k_t, k_n = jax.random.split(rng, 3)
         mean = batch["mean"].astype(jnp.float32)
@@ -356,8 +369,8 @@ def _write_json(path: str, obj: dict) -> None:
 TRAINING_RECORD = "demo_training.json"  # in an exported folder; diffusers ignores files it does not know
 
 
-def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: float, tokenizer_words,
-           unet_steps: int = 0) -> None:
+def export(out: str, *, unet_params: Any, text_params: Any, vae_params: Any, scaling_factor: float,
+           tokenizer_words: list[str], unet_steps: int = 0) -> None:
     """Writes a diffusers Stable Diffusion folder: model_index.json, five components, and a record of
     how many UNet steps the weights have had over all sittings (`unet_steps`)."""
     from cones_jax.tokenizer import write_clip_tokenizer
@@ -391,22 +404,22 @@ def export(out: str, *, unet_params, text_params, vae_params, scaling_factor: fl
 # --------------------------------------------------------------------------------------------
 
 
-def models(vocab_size: int):
+def models(vocab_size: int) -> tuple[CLIPTextTransformer, UNet2DConditionModel]:
     text = CLIPTextTransformer(CLIPTextConfig.from_dict(text_config(vocab_size)))
     unet = UNet2DConditionModel(UNetConfig.from_dict(UNET))
     return text, unet
 
 
-def init_params(module, *args, seed: int):
+def init_params(module: nn.Module, *args: jax.Array, seed: int) -> Any:
     return jax.jit(lambda k: module.init(k, *args)["params"])(jax.random.PRNGKey(seed))
 
 
-def save_params(path: str, params) -> None:
+def save_params(path: str, params: Any) -> None:
     """A params tree as one safetensors file keyed by "/"-joined Flax paths (the workdir's VAE)."""
     save_safetensors(path, {"/".join(k): np.asarray(v) for k, v in convert.flatten(jax.device_get(params)).items()})
 
 
-def warm_start(params: dict, sd) -> dict:
+def warm_start(params: dict, sd: StableDiffusion) -> dict:
     """`params` (a dict of component trees: "text_encoder", "unet", "vae"; arrays or shape structs)
     replaced by those components of a loaded exported folder `sd`, which must have the same trees: a
     folder of another config is an error naming the first odd leaf."""
@@ -484,7 +497,7 @@ def check_workdir_recipe(workdir: str) -> None:
         _write_json(path, want)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="data, checkpoints and caches (resumable)")
     p.add_argument("--out", default="examples/demo_model")
@@ -544,7 +557,7 @@ def vae_stage(args: argparse.Namespace, images: np.ndarray, warm_params: dict | 
     if not os.path.exists(vae_path):
         params = init_params(vae, *init_inputs()["vae"], seed=1)
 
-        def vae_batches(step):
+        def vae_batches(step: int):
             # 32 px crops: the VAE is fully convolutional, and a quarter of the pixels is a quarter of the cost.
             idx = np.sort(training.batch_indices(step, args.vae_batch, len(images), seed=1))
             rng = training.data_rng(step, seed=1)
@@ -557,8 +570,8 @@ def vae_stage(args: argparse.Namespace, images: np.ndarray, warm_params: dict | 
     return vae, convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
 
 
-def cached_latents(workdir: str, vae: AutoencoderKL, vae_params, images: np.ndarray,
-                   warm) -> tuple[np.ndarray, np.ndarray, float]:
+def cached_latents(workdir: str, vae: AutoencoderKL, vae_params: Any, images: np.ndarray,
+                   warm: StableDiffusion | None) -> tuple[np.ndarray, np.ndarray, float]:
     """Stage 2's cache: every scene's latent mean and std, and the scaling factor (--init-from's, or
     1 / the std of the means)."""
     lat_path = os.path.join(workdir, "latents.npz")
@@ -572,8 +585,8 @@ def cached_latents(workdir: str, vae: AutoencoderKL, vae_params, images: np.ndar
     return lat["mean"], lat["std"], float(lat["scaling"])
 
 
-def unet_stage(args: argparse.Namespace, tok, scenes, latents: tuple[np.ndarray, np.ndarray, float],
-               warm_params: dict | None, prior: int) -> dict:
+def unet_stage(args: argparse.Namespace, tok: ClipTokenizer, scenes: Sequence[world.Scene],
+               latents: tuple[np.ndarray, np.ndarray, float], warm_params: dict | None, prior: int) -> dict:
     """Stage 3: the UNet and text encoder trained together; returns the final train state."""
     mean, std, scaling = latents
     text, unet = models(tok.vocab_size)
@@ -593,7 +606,7 @@ def unet_stage(args: argparse.Namespace, tok, scenes, latents: tuple[np.ndarray,
     sides = cross_attention_sides(unet)
     word_ids = grounded_word_ids(tok)
 
-    def batches(step):
+    def batches(step: int):
         idx = unet_batch_indices(step, args.batch, len(mean), singles, n_single, prior)
         rng = training.data_rng(step, seed=DATA_SEED + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
@@ -607,7 +620,7 @@ def unet_stage(args: argparse.Namespace, tok, scenes, latents: tuple[np.ndarray,
                        batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     from cones_jax.tokenizer import write_clip_tokenizer

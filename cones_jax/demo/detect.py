@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -74,14 +75,15 @@ def labels_of(thing: world.Thing | None) -> dict[str, int]:
             "pattern": world.PATTERNS.index(thing.pattern), "outline": int(thing.outline), "eyes": int(thing.eyes)}
 
 
-def _overlap(a, b) -> float:
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
     """Area of a∩b over the area of b."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     return w * h / max((b[2] - b[0]) * (b[3] - b[1]), 1e-9)
 
 
-def object_window(thing: world.Thing, rng: np.random.Generator, size: int = world.IMAGE_SIZE):
+def object_window(thing: world.Thing, rng: np.random.Generator,
+                  size: int = world.IMAGE_SIZE) -> tuple[float, float, float, float]:
     """A random square window holding the whole object, 1.05-2.2 times its side, inside the image."""
     x0, y0, x1, y1 = thing.box
     side = min(size, (x1 - x0) * rng.uniform(1.05, 2.2))
@@ -90,7 +92,8 @@ def object_window(thing: world.Thing, rng: np.random.Generator, size: int = worl
     return (wx, wy, wx + side, wy + side)
 
 
-def examples_of_scene(image: np.ndarray, scene: world.Scene, rng: np.random.Generator):
+def examples_of_scene(image: np.ndarray, scene: world.Scene,
+                      rng: np.random.Generator) -> tuple[list[np.ndarray], list[dict[str, int]]]:
     """(crops, labels) from one rendered scene: a window per object (skipped when another object sits
     mostly inside it too) and one empty window when one is found."""
     crops, labels = [], []
@@ -122,7 +125,7 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def make_dataset(seeds: Sequence[int], *, augment: bool, seed: int = 0):
+def make_dataset(seeds: Sequence[int], *, augment: bool, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rng = np.random.default_rng([seed, 0xDE7])
     crops, labels = [], []
     for s in seeds:
@@ -156,7 +159,7 @@ def classification_loss(logits: dict, labels: dict) -> jax.Array:
 class Detector:
     params: dict
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._apply = jax.jit(lambda p, x: Classifier().apply({"params": p}, x))
 
     def predict(self, crops: np.ndarray) -> dict[str, np.ndarray]:
@@ -223,7 +226,7 @@ def train_detector(out: str, *, train_scenes: int = 12000, steps: int = 3000, ba
     opt_state = opt.init(params)
 
     @jax.jit
-    def step(params, opt_state, xb, yb):
+    def step(params: Any, opt_state: optax.OptState, xb: jax.Array, yb: dict[str, jax.Array]):
         loss, g = jax.value_and_grad(lambda p: classification_loss(model.apply({"params": p}, xb), yb))(params)
         upd, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, upd), opt_state, loss
@@ -309,7 +312,7 @@ def find_things(detector: Detector, image: np.ndarray) -> list[dict]:
     return [dict(d, box=b) for d, b in zip(found, boxes) if d is not None]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="examples/demo_world/detector.safetensors")
     p.add_argument("--scenes", type=int, default=12000)

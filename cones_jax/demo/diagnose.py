@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,25 +31,29 @@ from cones_jax.errors import ConfigError
 from cones_jax.models.vae import AutoencoderKL
 from cones_jax.schedulers import alphas_cumprod
 
+if TYPE_CHECKING:
+    from cones_jax.pipeline import StableDiffusion
+
 PROBES = (("star", "red"), ("heart", "blue"), ("triangle", "green"), ("square", "yellow"))
 X0_TIMESTEPS = (100, 300, 500, 700, 900)
 DDIM_STARTS = (500, 700, 850, 999)
 SENSITIVITY_TIMESTEPS = (500, 650, 750, 850, 920)
 
 
-def _scaled_latents(sd, renders: np.ndarray) -> jax.Array:
+def _scaled_latents(sd: StableDiffusion, renders: np.ndarray) -> jax.Array:
     """The VAE's posterior means of uint8 renders, times its scaling factor (what the UNet denoises)."""
     x = jnp.asarray(renders, jnp.float32) / 127.5 - 1.0
     return sd.vae.apply({"params": sd.params["vae"]}, x, method=AutoencoderKL.encode)[0] * sd.vae.config.scaling_factor
 
 
-def _context(sd, prompts) -> jax.Array:
+def _context(sd: StableDiffusion, prompts: Sequence[str]) -> jax.Array:
     """The text encoder's last hidden states for `prompts` (the UNet's cross-attention context)."""
     ids = jnp.asarray(sd.tokenizer.encode(list(prompts)))
     return sd.text_encoder.apply({"params": sd.params["text_encoder"]}, ids)["last_hidden_state"]
 
 
-def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> dict[int, dict[str, float]]:
+def caption_sensitivity(sd: StableDiffusion, timesteps: Sequence[int] = SENSITIVITY_TIMESTEPS,
+                        draws: int = 4) -> dict[int, dict[str, float]]:
     """For 49 single big objects on grey (every colour x shape), the relative rise of the mean
     denoising loss at each t when the caption names another shape, or another colour, than the one
     drawn: {t: {"shape": rise, "colour": rise}}. It measures how much the model reads each word,
@@ -73,7 +79,8 @@ def caption_sensitivity(sd, timesteps=SENSITIVITY_TIMESTEPS, draws: int = 4) -> 
     return out
 
 
-def word_localization(sd, timesteps=(300, 600, 850), n: int = 32) -> dict[int, dict[str, float]]:
+def word_localization(sd: StableDiffusion, timesteps: Sequence[int] = (300, 600, 850),
+                      n: int = 32) -> dict[int, dict[str, float]]:
     """How much of a trait word's cross-attention falls on its object: for `n` two-object renders on
     grey captioned "a {colour} {shape} and a {colour} {shape} ...", noised to each t, the share of
     each shape word's and colour word's attention mass (all cross-attention layers) on its object's
@@ -114,7 +121,7 @@ def word_localization(sd, timesteps=(300, 600, 850), n: int = 32) -> dict[int, d
     return out
 
 
-def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
+def probe_grid(sd: StableDiffusion, ddim_stride: int = 40) -> np.ndarray:
     """The uint8 grid described in the module docstring (v-prediction models only)."""
     if sd.scheduler.prediction_type != "v_prediction":
         raise ConfigError("diagnose reads v-prediction models (the demo recipe's)")
@@ -127,11 +134,11 @@ def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
     uncond = _context(sd, [""] * len(things))
     unet = jax.jit(lambda z, t, c: sd.unet.apply({"params": sd.params["unet"]}, z, jnp.full((z.shape[0],), t), c))
 
-    def decode(z):
+    def decode(z: jax.Array):
         x = sd.vae.apply({"params": sd.params["vae"]}, z / sf, method=AutoencoderKL.decode)
         return np.asarray(jnp.clip((x + 1.0) * 127.5, 0, 255)).astype(np.uint8)
 
-    def noised(t):
+    def noised(t: int):
         return np.sqrt(ac[t]) * z0 + np.sqrt(1 - ac[t]) * jax.random.normal(jax.random.PRNGKey(t), z0.shape)
 
     rows = [renders]
@@ -151,7 +158,7 @@ def probe_grid(sd, ddim_stride: int = 40) -> np.ndarray:
     return np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from cones_jax.generate import save_png

@@ -20,8 +20,8 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from cones_jax import layout as layout_lib
 from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, world
 from cones_jax.sampler import LayoutSampler, sample_prompts
+
+if TYPE_CHECKING:
+    from cones_jax.pipeline import StableDiffusion
 
 DEMO_WORLD = bundled.demo_world()
 DEMO_RESIDUALS = os.path.join(DEMO_WORLD, "residuals")
@@ -115,7 +118,7 @@ def layout_of(case: Case, *, residuals: bool, strength: float, residual_dir: str
 # --------------------------------------------------------------------------------------------
 
 
-def _px(box, size=world.IMAGE_SIZE):
+def _px(box: Sequence[float], size: int = world.IMAGE_SIZE):
     return tuple(v * size for v in box)
 
 
@@ -170,15 +173,15 @@ def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: 
 # --------------------------------------------------------------------------------------------
 
 
-def layout_sampler(sd, cfg, *, guided: bool, batch: int = 8) -> LayoutSampler:
+def layout_sampler(sd: StableDiffusion, cfg: Mapping[str, Any], *, guided: bool, batch: int = 8) -> LayoutSampler:
     """The suite's sampler: `.draw(layouts, seeds, params=...)` gives one image per (layout, seed)
     pair in order. Layouts, γ, λ and the weights (`params`, e.g. the UNet with concept neurons
     shut) are inputs of one compiled sampler, so a suite costs one compile per setting."""
     return LayoutSampler(sd, cfg, guided=guided, batch=batch)
 
 
-def sample_layouts(sd, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int], cfg, *, guided: bool,
-                   batch: int = 8) -> np.ndarray:
+def sample_layouts(sd: StableDiffusion, layouts: Sequence[layout_lib.Layout], seeds: Sequence[int],
+                   cfg: Mapping[str, Any], *, guided: bool, batch: int = 8) -> np.ndarray:
     """uint8 images, one per (layout, seed) pair in order (`layout_sampler` for one call)."""
     return layout_sampler(sd, cfg, guided=guided, batch=batch).draw(layouts, seeds).images
 
@@ -201,10 +204,11 @@ def setting_overrides(preset: str, overrides: dict, steps: int | None, negative:
     return extra
 
 
-def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Sequence[str] = ("official", "paper"),
-             residual_dir: str = DEMO_RESIDUALS, cases: Sequence[Case] | None = None,
-             steps: int | None = None, residuals: Sequence[bool] = (False, True),
-             settings: Sequence[str] = tuple(SETTINGS), overrides: dict | None = None, log=print) -> list[dict]:
+def evaluate(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[int],
+             presets: Sequence[str] = ("official", "paper"), residual_dir: str = DEMO_RESIDUALS,
+             cases: Sequence[Case] | None = None, steps: int | None = None, residuals: Sequence[bool] = (False, True),
+             settings: Sequence[str] = tuple(SETTINGS), overrides: dict | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
     """One row per (preset, setting, residuals) with the mean scores per number of subjects;
     `settings` picks rows of SETTINGS; `overrides` (key -> value) change every preset alike, on top
     of the suite's λ (GUIDANCE_WEIGHT)."""
@@ -234,7 +238,7 @@ def evaluate(sd, detector: detect.Detector, *, seeds: Sequence[int], presets: Se
     return rows
 
 
-def single_object_gate(sd, detector: detect.Detector, seeds: Sequence[int], steps: int = 25,
+def single_object_gate(sd: StableDiffusion, detector: detect.Detector, seeds: Sequence[int], steps: int = 25,
                        cfg_scale: float = 5.0) -> dict[str, float]:
     """Base-model fidelity: "a {colour} {shape}" for every colour x shape; the largest object found
     must have both right."""
@@ -322,10 +326,11 @@ def identity_prompt(names: Sequence[str], method: str, residual_dir: str, *, box
                              size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
 
 
-def identity_by_method(sd, detector: detect.Detector, *, seeds: Sequence[int], neuron_dir: str = DEMO_NEURONS,
-                       residual_dir: str = DEMO_RESIDUALS, groups: Sequence[tuple[str, ...]] | None = None,
+def identity_by_method(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[int],
+                       neuron_dir: str = DEMO_NEURONS, residual_dir: str = DEMO_RESIDUALS,
+                       groups: Sequence[tuple[str, ...]] | None = None,
                        methods: Sequence[str] = tuple(IDENTITY_METHODS), steps: int = 20, with_layout: bool = False,
-                       log=print) -> list[dict]:
+                       log: Callable[[str], None] = print) -> list[dict]:
     """Cones against Cones 2 on the same subjects (paper preset's DDIM; unguided, or `with_layout`:
     every step guided to the suite's boxes, BOXES, at λ = GUIDANCE_WEIGHT): how often each trait of
     a subject's look appears (`subject_traits`), for each subject alone and for the pairs of PAIRS
@@ -398,7 +403,7 @@ TABLE_HEADER = ("| preset | setting | residuals | 1 subject | 2 subjects | 3 sub
                 "|---|---|---|---|---|---|---|")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from cones_jax.pipeline import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,6 +4,7 @@ cross-attention heat maps, and a grid of images."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,7 +83,7 @@ def image_grid(images: Sequence[np.ndarray]) -> Image.Image:
     return Image.fromarray(grid)
 
 
-def subject_heatmaps(maps_tree, positions: Sequence[Sequence[Sequence[int]]], height: int,
+def subject_heatmaps(maps_tree: Any, positions: Sequence[Sequence[Sequence[int]]], height: int,
                      width: int) -> np.ndarray:
     """Per-subject cross-attention heat maps [S, H, W] in [0, 1] from the sown attention sums.
 

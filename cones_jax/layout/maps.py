@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -35,6 +35,25 @@ from cones_jax.layout.schema import (
     where,
 )
 from cones_jax.models.unet import UNetConfig, cross_attention_resolutions
+
+
+class TokenizerLike(Protocol):
+    """What the token functions use of a tokenizer: `cones_jax.tokenizer.ClipTokenizer`, which this
+    layer does not import (docs/ARCHITECTURE.md)."""
+
+    max_length: int
+
+    def encode(self, prompts: list[str] | str) -> np.ndarray:
+        ...
+
+    def n_tokens(self, prompt: str) -> int:
+        ...
+
+    def find_word(self, ids_row: Sequence[int], word: str) -> list[list[int]]:
+        ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ...
 
 
 def _box_mask(box: tuple[float, ...], height: int, width: int) -> np.ndarray:
@@ -142,7 +161,7 @@ def resize_bilinear_aligned(map_HxW: np.ndarray, h: int, w: int) -> np.ndarray:
     return (top_hxw * a0[:, None] + bottom_hxw * a1[:, None]).astype(np.float32)
 
 
-def check_prompt_length(tokenizer, prompt: str, field: str = "prompt") -> None:
+def check_prompt_length(tokenizer: TokenizerLike, prompt: str, field: str = "prompt") -> None:
     """LayoutError when `prompt` has more tokens (start and end included) than the text encoder takes."""
     n = tokenizer.n_tokens(prompt)
     if n > tokenizer.max_length:
@@ -150,7 +169,7 @@ def check_prompt_length(tokenizer, prompt: str, field: str = "prompt") -> None:
                           f"{tokenizer.max_length}; shorten the prompt (words past the limit would be cut off)")
 
 
-def token_occurrences(tokenizer, ids_row: np.ndarray, word: str, field: str = "word") -> list[list[int]]:
+def token_occurrences(tokenizer: TokenizerLike, ids_row: np.ndarray, word: str, field: str = "word") -> list[list[int]]:
     """Positions of each occurrence of `word`'s sub-word sequence in an encoded prompt (start token = 0)."""
     try:
         occ = tokenizer.find_word(ids_row, word)
@@ -163,7 +182,7 @@ def token_occurrences(tokenizer, ids_row: np.ndarray, word: str, field: str = "w
     return occ
 
 
-def token_positions(tokenizer, ids_row: np.ndarray, word: str, field: str = "word") -> list[int]:
+def token_positions(tokenizer: TokenizerLike, ids_row: np.ndarray, word: str, field: str = "word") -> list[int]:
     """All sub-word positions of every occurrence of `word` in an encoded prompt, in order (start token = 0).
 
     LayoutError naming `field` when the word does not occur.
@@ -171,7 +190,7 @@ def token_positions(tokenizer, ids_row: np.ndarray, word: str, field: str = "wor
     return [p for occ in token_occurrences(tokenizer, ids_row, word, field) for p in occ]
 
 
-def subject_positions(layout: Layout, tokenizer, ids_row: np.ndarray | None = None) -> list[list[int]]:
+def subject_positions(layout: Layout, tokenizer: TokenizerLike, ids_row: np.ndarray | None = None) -> list[list[int]]:
     """Per subject, all its token positions in the encoded prompt; checks the prompt length, each word,
     and any hand-typed official `subject_list` index (it must be the first sub-word of an occurrence)."""
     check_prompt_length(tokenizer, layout.prompt, where(layout.source, "prompt"))
@@ -235,7 +254,7 @@ class LayoutMaps(NamedTuple):
     maps: dict  # "{h}x{w}" -> float32 [h*w, L]
 
 
-def layout_maps(layout: Layout, tokenizer, height: int, width: int, weight_negative: float | None = None,
+def layout_maps(layout: Layout, tokenizer: TokenizerLike, height: int, width: int, weight_negative: float | None = None,
                 resolutions: Sequence[tuple[int, int]] | None = None) -> LayoutMaps:
     """All of the above for one layout: regions, γ maps, token positions and per-resolution maps."""
     positions = subject_positions(layout, tokenizer)

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from cones_jax.layout.images import read_color_map, read_mask
-from cones_jax.layout.maps import subject_positions
+from cones_jax.layout.maps import TokenizerLike, subject_positions
 from cones_jax.layout.official import parse_official_entry
 from cones_jax.layout.schema import (
     FieldContext,
@@ -134,7 +134,7 @@ def _parse_ours(ctx: FieldContext, obj: dict) -> Layout:
 
 
 def parse_layout(obj: dict | list, base_dir: str, source: str = "<dict>", *, index: int = 0,
-                 tokenizer=None, check_residuals: bool = False) -> Layout:
+                 tokenizer: TokenizerLike | None = None, check_residuals: bool = False) -> Layout:
     """A parsed layout file (our schema, an official config list, or one official entry) -> `Layout`.
 
     Relative paths resolve against `base_dir`. Mask and colour-map files are read and checked here.
@@ -171,7 +171,8 @@ def parse_layout(obj: dict | list, base_dir: str, source: str = "<dict>", *, ind
     return layout
 
 
-def load_layout(path: str | os.PathLike, *, index: int = 0, tokenizer=None, check_residuals: bool = False) -> Layout:
+def load_layout(path: str | os.PathLike, *, index: int = 0, tokenizer: TokenizerLike | None = None,
+                check_residuals: bool = False) -> Layout:
     """Reads and validates a layout file (JSON, or YAML when PyYAML is importable).
 
     Our schema or the official Cones 2 config list (entry `index`); see the module docstring.

@@ -77,7 +77,7 @@ def short(value: Any, limit: int = 60) -> str:
 class FieldContext:
     """The file being parsed and a prefix for field names (for official list entries, "[i].")."""
 
-    def __init__(self, source: str, base_dir: str, prefix: str = ""):
+    def __init__(self, source: str, base_dir: str, prefix: str = "") -> None:
         self.source, self.base_dir, self.prefix = source, base_dir, prefix
 
     def err(self, field: str, msg: str) -> LayoutError:

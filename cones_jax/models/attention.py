@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 
 # (raw scores S [B, H, Q, K] in fp32, (height, width) of the query grid) -> additive bias
 BiasFn = Callable[[jax.Array, tuple[int, int]], jax.Array]
@@ -41,7 +42,8 @@ def _local_batch(b: int) -> int:
     return max(1, b // shards) if b % shards == 0 else b
 
 
-def blocked_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, q_block: int = CPU_QUERY_BLOCK):
+def blocked_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array, scale: float,
+                      q_block: int = CPU_QUERY_BLOCK) -> jax.Array:
     """softmax(q·kᵀ·scale)·v, one `lax.map` step per (head, query block), the batch kept whole.
 
     For XLA:CPU. `jax.nn.dot_product_attention` lowers to batched einsums around a [B, H, Q, K]
@@ -63,7 +65,7 @@ def blocked_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, q_block: in
     kT_HxBxDxK = k_BxKxHxD.transpose(2, 0, 3, 1)
     v_HxBxKxD = v_BxKxHxD.transpose(2, 0, 1, 3)
 
-    def step(args):
+    def step(args: tuple[jax.Array, jax.Array]):
         i, q_BxCxD = args
         s_BxCxK = jnp.matmul(q_BxCxD, kT_HxBxDxK[i // n], preferred_element_type=jnp.float32)
         e_BxCxK = jnp.exp(s_BxCxK - s_BxCxK.max(axis=-1, keepdims=True))
@@ -104,7 +106,7 @@ def forced_implementation() -> str | None:
     return _forced.get()
 
 
-def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int, *,
+def choose_implementation(backend: str, dtype: DTypeLike, q_len: int, k_len: int, head_dim: int, *,
                           gpu_capability: tuple[int, int] | None = None) -> str:
     """The unbiased attention kernel for one call: a pure function of the backend and the shapes.
 
@@ -157,7 +159,8 @@ def _splash_kernel(heads: int, q_len: int, k_len: int, interpret: bool):
     return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
 
 
-def splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, *, interpret: bool = False):
+def splash_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array, scale: float, *,
+                     interpret: bool = False) -> jax.Array:
     """softmax(q·kᵀ·scale)·v with Pallas splash attention (TPU; `interpret` runs it on any backend).
 
     A Pallas call is opaque to XLA's SPMD partitioner, which would gather a sharded batch onto
@@ -168,7 +171,7 @@ def splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, *, interpret
     kernel = jax.vmap(_splash_kernel(h, q_len, k_BxKxHxD.shape[1], interpret))
     dt = q_BxQxHxD.dtype
 
-    def run(q, k, v):
+    def run(q: jax.Array, k: jax.Array, v: jax.Array):
         # splash takes no softmax scale: it is folded into q
         out_BxHxQxD = kernel((q * jnp.asarray(scale, dt)).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
                              v.transpose(0, 2, 1, 3))
@@ -181,7 +184,8 @@ def splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, *, interpret
     return run(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD)
 
 
-def dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, scale: float, implementation: str | None = None):
+def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxHxD: jax.Array, v_BxKxHxD: jax.Array, scale: float,
+                          implementation: str | None = None) -> jax.Array:
     """Unbiased softmax(q·kᵀ·scale)·v through the kernel `choose_implementation` picks for this
     backend and these shapes (or `implementation`, or what `use_implementation` forces)."""
     backend = jax.default_backend()
@@ -208,8 +212,8 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxQxC, context_BxKxE=None, *, bias_fn: BiasFn | None = None,
-                 hw: tuple[int, int] = (0, 0), sow_probs: bool = False):
+    def __call__(self, x_BxQxC: jax.Array, context_BxKxE: jax.Array | None = None, *, bias_fn: BiasFn | None = None,
+                 hw: tuple[int, int] = (0, 0), sow_probs: bool = False) -> jax.Array:
         inner = self.heads * self.dim_head
         dense = lambda name, bias: nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
         context = x_BxQxC if context_BxKxE is None else context_BxKxE
@@ -242,7 +246,7 @@ class GEGLU(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = jnp.split(nn.Dense(self.dim_out * 2, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
 
@@ -253,7 +257,7 @@ class FeedForward(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="net_0")(x)
         return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
 
@@ -268,7 +272,8 @@ class BasicTransformerBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, *, bias_fn=None, hw=(0, 0), sow_probs=False):
+    def __call__(self, x: jax.Array, context: jax.Array, *, bias_fn: BiasFn | None = None,
+                 hw: tuple[int, int] = (0, 0), sow_probs: bool = False) -> jax.Array:
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, self.dim, upcast=self.upcast,
                                       dtype=self.dtype, name=name)
@@ -289,7 +294,8 @@ class Transformer2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxHxWxC, context, *, bias_fn=None, sow_probs=False):
+    def __call__(self, x_BxHxWxC: jax.Array, context: jax.Array, *, bias_fn: BiasFn | None = None,
+                 sow_probs: bool = False) -> jax.Array:
         b, h, w, c = x_BxHxWxC.shape
         inner = self.heads * self.dim_head
         proj = (lambda n, f: nn.Dense(f, dtype=self.dtype, name=n)) if self.use_linear_projection else (

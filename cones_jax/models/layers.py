@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+if TYPE_CHECKING:
+    from flax.typing import PaddingLike
 
 
-def conv3x3(features: int, name: str, dtype, stride: int = 1, padding=((1, 1), (1, 1))) -> nn.Conv:
+def conv3x3(features: int, name: str, dtype: DTypeLike, stride: int = 1,
+            padding: PaddingLike = ((1, 1), (1, 1))) -> nn.Conv:
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
@@ -22,7 +28,7 @@ class ResnetBlock2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxHxWxC, temb_BxT: jax.Array | None = None):
+    def __call__(self, x_BxHxWxC: jax.Array, temb_BxT: jax.Array | None = None) -> jax.Array:
         gn = lambda name: nn.GroupNorm(num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
         h = conv3x3(self.out_channels, "conv1", self.dtype)(nn.silu(gn("norm1")(x_BxHxWxC)))
         if temb_BxT is not None:
@@ -42,7 +48,7 @@ class Downsample2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
             pad = ((0, 0), (0, 0))
@@ -58,7 +64,7 @@ class Upsample2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv3x3(self.channels, "conv", self.dtype)(x)
 
@@ -81,6 +87,6 @@ class TimestepEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.silu(nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x))
         return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(x)

@@ -7,6 +7,7 @@ Every cross-attention (attn2) accepts the generic bias hook of `cones_jax.models
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -135,7 +136,8 @@ class _Blocks(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, temb, context, skips, kw):
+    def __call__(self, h: jax.Array, temb: jax.Array, context: jax.Array, skips: list[jax.Array],
+                 kw: dict[str, Any]) -> jax.Array:
         cfg, dt, ch = self.config, self.dtype, self.channels
         # Rematerialised layers keep only their inputs for the backward pass. Attention layers are
         # rematerialised only without a bias hook or sown maps (training), whose Python callables
@@ -213,7 +215,7 @@ class UNet2DConditionModel(nn.Module):
                                  name="conv_norm_out")(h))
         return conv3x3(cfg.out_channels, "conv_out", dt)(h)
 
-    def param_shapes(self, latent_hw: tuple[int, int] = (8, 8), context_len: int = 77):
+    def param_shapes(self, latent_hw: tuple[int, int] = (8, 8), context_len: int = 77) -> dict[str, Any]:
         """The params tree as shape/dtype structs, from `jax.eval_shape` (no weights are made)."""
         x = jax.ShapeDtypeStruct((1, *latent_hw, self.config.in_channels), jnp.float32)
         c = jax.ShapeDtypeStruct((1, context_len, self.config.cross_attention_dim), jnp.float32)

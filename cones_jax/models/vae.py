@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from cones_jax.fileio import CheckpointError
 from cones_jax.models.attention import dot_product_attention
@@ -58,7 +60,7 @@ class _SpatialSelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxHxWxC):
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         b, h, w, c = x_BxHxWxC.shape
         y_BxLxC = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, dtype=self.dtype, name="group_norm")(
             x_BxHxWxC).reshape(b, h * w, 1, c)
@@ -76,7 +78,7 @@ class _MidBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(x)
         if self.attention:
             x = _SpatialSelfAttention(self.channels, self.groups, dtype=self.dtype, name="attentions_0")(x)
@@ -93,7 +95,7 @@ class _Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.n_layers):
             x = ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name=f"resnets_{j}")(x)
         if self.resample == "down":
@@ -103,7 +105,7 @@ class _Block(nn.Module):
         return x
 
 
-def _out(x, features, groups, dtype):
+def _out(x: jax.Array, features: int, groups: int, dtype: DTypeLike):
     x = nn.silu(nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name="conv_norm_out")(x))
     return conv3x3(features, "conv_out", dtype)(x)
 
@@ -113,7 +115,7 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         cfg, g = self.config, self.config.norm_num_groups
         n = len(cfg.block_out_channels)
         x = conv3x3(cfg.block_out_channels[0], "conv_in", self.dtype)(x)
@@ -129,7 +131,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z: jax.Array) -> jax.Array:
         cfg, g = self.config, self.config.norm_num_groups
         n = len(cfg.block_out_channels)
         x = conv3x3(cfg.block_out_channels[-1], "conv_in", self.dtype)(z)
@@ -150,7 +152,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.config
         self.encoder = Encoder(cfg, self.dtype)
         self.decoder = Decoder(cfg, self.dtype)
@@ -159,34 +161,34 @@ class AutoencoderKL(nn.Module):
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), dtype=self.dtype)
 
-    def encode(self, images_BxHxWx3):
+    def encode(self, images_BxHxWx3: jax.Array) -> tuple[jax.Array, jax.Array]:
         moments = self.encoder(images_BxHxWx3.astype(self.dtype))
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
 
-    def decode(self, latents_BxhxwxC):
+    def decode(self, latents_BxhxwxC: jax.Array) -> jax.Array:
         z = latents_BxhxwxC.astype(self.dtype)
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def __call__(self, images):
+    def __call__(self, images: jax.Array) -> jax.Array:
         mean, _ = self.encode(images)
         return self.decode(mean)
 
-    def param_shapes(self, hw: tuple[int, int] = (16, 16)):
+    def param_shapes(self, hw: tuple[int, int] = (16, 16)) -> dict[str, Any]:
         x = jax.ShapeDtypeStruct((1, *hw, self.config.in_channels), jnp.float32)
         return jax.eval_shape(lambda x: self.init(jax.random.PRNGKey(0), x), x)["params"]
 
 
-def scale_latents(config: VAEConfig, latents):
+def scale_latents(config: VAEConfig, latents: jax.Array) -> jax.Array:
     """VAE latent -> the UNet's latent space."""
     return (latents - config.shift_factor) * config.scaling_factor
 
 
-def unscale_latents(config: VAEConfig, latents):
+def unscale_latents(config: VAEConfig, latents: jax.Array) -> jax.Array:
     return latents / config.scaling_factor + config.shift_factor
 
 
