@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Mapping
 
 from cones_jax.errors import ConesError
@@ -60,6 +61,14 @@ def prepare_runtime() -> None:
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like `run_cli`'s (`error: <what>`, exit 2) rather
+    than the usage block followed by the error; --help still prints the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(BAD_INPUT_EXIT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def flag_names(parser: argparse.ArgumentParser | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
