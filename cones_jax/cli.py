@@ -10,6 +10,7 @@ import re
 import sys
 import traceback
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 
 from cones_jax.errors import ConesError
@@ -91,6 +92,20 @@ def as_flags(message: str, flags: Mapping[str, str]) -> str:
     return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `warning: <message>` line on stderr: the user's problem, not our source line."""
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def with_warning_lines(job: Callable[[], None]) -> Callable[[], None]:
+    """`job`, showing each warning it raises as one line (the previous way is restored after)."""
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning_line
+            job()
+    return run
+
+
 def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.ArgumentParser | None = None,
             flags: Mapping[str, str] | None = None) -> int:
     """Runs `job` and turns its failure into one line on stderr and an exit code.
@@ -105,7 +120,7 @@ def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.Ar
     names = flag_names(parser, flags)
     prepare_runtime()
     try:
-        job()
+        with_warning_lines(job)()
     except ConesError as e:
         if debug:
             traceback.print_exc()

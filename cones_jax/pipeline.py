@@ -67,6 +67,10 @@ class StableDiffusion:
 
 def check_folder(folder: str) -> dict:
     """Returns model_index.json; one-line errors for what makes a folder unusable."""
+    if os.path.isfile(folder):
+        raise CheckpointError(f"{folder} is a file, not a model folder; pass --model a local Stable Diffusion folder "
+                              "in diffusers layout (convert a single-file checkpoint with diffusers' "
+                              "StableDiffusionPipeline.from_single_file(...).save_pretrained)")
     if not os.path.isdir(folder):
         raise CheckpointError(f"model folder {folder!r} does not exist; pass --model a local Stable Diffusion "
                               "folder in diffusers layout")

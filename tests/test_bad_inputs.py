@@ -117,6 +117,7 @@ CASES = [
                                          [])[2], 2, ["already exists", "--overwrite"], True),
     # layouts
     ("layout-missing", lambda t, o: ["--layout", str(t / "none.json")], 2, ["none.json", "not found"], True),
+    ("layout-is-a-folder", lambda t, o: ["--layout", str(t)], 2, ["is a folder", ".json"], True),
     ("layout-nan-lambda", lambda t, o: ["--layout", _text(t / "l.json", json.dumps(LAYOUT)[:-1]
                                                           + ', "guidance_weight": NaN}')], 2,
  ["guidance_weight", "finite"], True),
@@ -128,6 +129,8 @@ CASES = [
      ["subjects[0].residual", "does not exist"], True),
     # model folders
     ("model-missing", lambda t, o: ["--model", str(t / "none")], 2, ["does not exist"], True),
+    ("model-is-a-file", lambda t, o: ["--model", _text(t / "sd.ckpt", "weights")], 2,
+     ["is a file", "from_single_file"], True),
     ("model-no-index", lambda t, o: ["--model", _model_copy(t, lambda r: (r / "model_index.json").unlink())], 2,
      ["model_index.json"], True),
     ("model-bin-only", lambda t, o: ["--model", _model_copy(t, _bin_only_unet)], 2,
@@ -301,3 +304,23 @@ def test_sample_a_bin_only_model_is_not_sent_to_allow_pickle(tmp_path):
     with pytest.raises(CheckpointError) as e:
         pipeline_lib.check_model_folder(root)
     assert "allow" not in str(e.value).lower() and "safe_serialization=True" in str(e.value)
+
+
+def test_sample_a_mask_of_another_shape_is_stretched_with_a_word(tmp_path):
+    from PIL import Image
+
+    from cones_jax import layout as layout_lib
+
+    Image.new("L", (64, 32), 255).save(tmp_path / "wide.png")
+    lay = layout_lib.parse_layout(dict(LAYOUT, subjects=[{"word": "star", "mask": "wide.png"}]), str(tmp_path))
+    with pytest.warns(layout_lib.LayoutWarning, match=r"subjects\[0\].mask is 64x32 .* stretched"):
+        layout_lib.region_masks(lay, 64, 64)
+
+
+def test_sample_warnings_are_one_line_on_the_command_line(capsys):
+    import warnings
+
+    from cones_jax import cli
+
+    assert cli.run_cli(lambda: warnings.warn("a mask\nis stretched", UserWarning, stacklevel=1)) == 0
+    assert capsys.readouterr().err == "warning: a mask is stretched\n"
