@@ -80,7 +80,9 @@ def _load_official_pt(path: str) -> np.ndarray:
 
 def load_residual(path: str, *, word: str | None = None, dim: int | None = None, text_encoder: str | None = None,
                   allow_pickle: bool = False) -> Residual:
-    """Reads a residual; checks it against the model's text-encoder width and identity.
+    """Reads a residual; checks its values are finite, and checks it against the model's
+    text-encoder width (`dim`, known from the model's config.json before loading) and identity
+    (`text_encoder`, the fingerprint, known once the model is loaded).
 
     An official Cones-V2 `.pt` file (a pickled bare [1, 1024] tensor) is imported only with
     `allow_pickle=True`; it carries no metadata, so `word` must be given.
@@ -107,12 +109,18 @@ def load_residual(path: str, *, word: str | None = None, dim: int | None = None,
                        meta.get("text_encoder", ""), meta.get("preset", ""), path)
         if word is not None and res.word and res.word != word:
             warnings.warn(f"{path} was trained for the word {res.word!r} but is used for {word!r}", stacklevel=2)
+    if res.delta.ndim != 2 or not res.delta.size:
+        raise ArtifactError(f"{path}: a residual is [n, d], got shape {res.delta.shape}; the file is corrupt")
+    if not np.isfinite(res.delta).all():
+        raise ArtifactError(f"{path} holds {np.count_nonzero(~np.isfinite(res.delta))} NaN or Inf value(s); the "
+                            "training that wrote it diverged: train it again with a lower learning rate")
     if dim is not None and res.dim != dim:
         raise ArtifactError(f"{path} is a residual for a {res.dim}-d text encoder but this model's is {dim}-d; "
                             "train a residual for this base model")
     if text_encoder and res.text_encoder and res.text_encoder != text_encoder:
-        warnings.warn(f"{path} was trained on another base text encoder ({res.text_encoder} vs {text_encoder}); "
-                      "results may be poor", stacklevel=2)
+        # same width, other weights: the embedding offsets mean nothing to this text encoder
+        raise ArtifactError(f"{path} was trained on another base model (text encoder {res.text_encoder}, this "
+                            f"one is {text_encoder}); train a residual for this base model")
     return res
 
 

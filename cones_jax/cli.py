@@ -9,7 +9,10 @@ import os
 import re
 import sys
 import traceback
+import typing
+import warnings
 from collections.abc import Callable, Mapping
+from typing import TextIO
 
 from cones_jax.errors import ConesError
 
@@ -62,6 +65,14 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like `run_cli`'s (`error: <what>`, exit 2) rather
+    than the usage block followed by the error; --help still prints the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(BAD_INPUT_EXIT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def flag_names(parser: argparse.ArgumentParser | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Library parameter -> the command's flag: each option's `dest` -> its long option string."""
     names = {}
@@ -82,6 +93,21 @@ def as_flags(message: str, flags: Mapping[str, str]) -> str:
     return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
+def show_warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one `warning: <message>` line on stderr: the user's problem, not our source line."""
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def with_warning_lines(job: Callable[[], None]) -> Callable[[], None]:
+    """`job`, showing each warning it raises as one line (the previous way is restored after)."""
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning_line
+            job()
+    return run
+
+
 def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.ArgumentParser | None = None,
             flags: Mapping[str, str] | None = None) -> int:
     """Runs `job` and turns its failure into one line on stderr and an exit code.
@@ -96,7 +122,7 @@ def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.Ar
     names = flag_names(parser, flags)
     prepare_runtime()
     try:
-        job()
+        with_warning_lines(job)()
     except ConesError as e:
         if debug:
             traceback.print_exc()

@@ -58,3 +58,16 @@ class DivergedError(ConesError, FloatingPointError):
     """Training produced a non-finite loss: the numbers, not the input (exit code 1)."""
 
     exit_code = 1
+
+
+class OutputError(ConesError, OSError):
+    """An output folder that cannot be written now: read-only, or another run is writing to it (exit
+    code 1: the environment, not the input)."""
+
+    exit_code = 1
+
+
+class NonFiniteError(ConesError, FloatingPointError):
+    """Sampling produced NaN or Inf: the numbers, not the input (exit code 1); nothing is written."""
+
+    exit_code = 1

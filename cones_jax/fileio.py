@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from cones_jax.errors import CheckpointError
+from cones_jax.errors import CheckpointError, ConfigError, OutputError
 
 _DTYPES = {
     "F64": np.dtype("<f8"),
@@ -123,6 +123,85 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_output_dir(folder: str | os.PathLike, param: str = "out") -> None:
+    """Refuses, before any work, an output folder that could not be written at the end: a path
+    that is (or runs through) a file is bad input (`CheckpointError`, exit 2); a folder, or the
+    nearest existing parent of one still to be made, that this user cannot write is the
+    environment (`OutputError`, exit 1). `param` names the option in the message."""
+    path = os.path.abspath(os.fspath(folder))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"runs through the file {probe}"
+        raise ConfigError(f"`{param}` {path} {where}, not a folder; choose another `{param}`")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"`{param}` {path}: {probe} is not writable; fix its permissions or choose another "
+                          f"`{param}`")
+
+
+class OutputLock:
+    """`<folder>/.cones_jax.lock`, held while a run writes there, so that two runs cannot both write
+    the same files and both report success.
+
+    An advisory `flock` rather than an O_EXCL file: the kernel drops it when its process dies, even
+    by SIGKILL, so a stale lock file left behind never blocks a later run and there is no pid to
+    second-guess. The file holds the holder's pid for the message. Folders made for the lock are
+    removed again on release when nothing was written into them.
+    """
+
+    NAME = ".cones_jax.lock"
+
+    def __init__(self, folder: str | os.PathLike, param: str = "out") -> None:
+        self.folder, self.param = os.path.abspath(os.fspath(folder)), param
+        self.path = os.path.join(self.folder, self.NAME)
+        self._fd: int | None = None
+        self._made: list[str] = []
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        missing, probe = [], self.folder
+        while not os.path.exists(probe):
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        os.makedirs(self.folder, exist_ok=True)
+        self._made = missing  # deepest first, the order they are removed in
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self._remove_made()
+                raise OutputError(f"another run (pid {owner}) is writing to {self.folder}; wait for it to finish "
+                                  f"or choose another `{self.param}`") from None
+            # a holder that released and removed the file in between leaves us a lock on a dead inode
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty: something was written, keep it
+                os.rmdir(folder)
+        self._made = []
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],

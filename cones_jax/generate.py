@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
+from cones_jax import artifacts
 from cones_jax import layout as layout_lib
 from cones_jax.config import Config, resolve_sampling
-from cones_jax.fileio import atomic_output
+from cones_jax.errors import CheckpointError
+from cones_jax.fileio import OutputLock, atomic_output, check_output_dir
 from cones_jax.layout.draw import heatmap_overlay, image_grid, subject_heatmaps
-from cones_jax.sampler import Drawn, GenerateError, LayoutSampler, Prepared
+from cones_jax.sampler import Drawn, GenerateError, LayoutSampler, Prepared, check_config
 
 if TYPE_CHECKING:
     from cones_jax.pipeline import StableDiffusion
@@ -105,36 +110,119 @@ def refuse_existing(paths: dict, overwrite: bool) -> None:
                             "pass `overwrite` or choose another `out_dir`")
 
 
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as ints: each an integer in [0, 2**32) (a larger one keys the same noise as its low
+    32 bits, a fraction would be cut off silently), none twice (its files would collide)."""
+    seeds = list(seeds)
+    odd = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32]
+    if not seeds or odd or len(set(seeds)) != len(seeds):
+        got = f"; got {odd[0]!r}" if odd else f"; got {' '.join(map(str, seeds))}" if seeds else ""
+        raise GenerateError(f"`seeds` must be distinct integers from 0 to {2**32 - 1}{got}")
+    return [int(s) for s in seeds]
+
+
+def note(message: str) -> None:
+    """One line on stderr about a value changed on the user's behalf (stdout keeps the results)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def clamp_guidance(cfg: Config, lay: layout_lib.Layout) -> tuple[Config, layout_lib.Layout, str]:
+    """More guided steps than steps (the presets' 50 with `--steps 20`) guide every step: η(t) reads
+    its σ from a schedule of that many steps (`sampler.guidance_sigmas`), so the config says so
+    rather than hold a number the sampler cannot follow. Returns (config, layout, the note to
+    tell the user, "" when nothing changed)."""
+    steps = cfg["steps"]
+    if cfg["guidance_steps"] <= steps:
+        return cfg, lay, ""
+    told = (f"guidance_steps={cfg['guidance_steps']} is more than steps={steps}; guiding all {steps} steps "
+            "(--set guidance_steps=N guides fewer)")
+    return cfg.replace(guidance_steps=steps), dataclasses.replace(lay, guidance_steps=steps), told
+
+
+def check_artifacts(lay: layout_lib.Layout, opts: GenerateOptions, model: str | None,
+                    sd: StableDiffusion | None = None) -> None:
+    """Before the model loads: the model folder (model_index.json, components, configs, safetensors
+    weights), the layout's words against its tokenizer, the image size against its UNet, each
+    residual (format, finite values, width; the base-model fingerprint too when `sd` is loaded) and
+    each concept-neuron file's format. What needs the weights is checked after loading, before
+    compiling (`LayoutSampler.prepare`, `params_with_neurons`)."""
+    from cones_jax.pipeline import check_model_folder
+    from cones_jax.tokenizer import load_tokenizer
+
+    if sd is None:
+        configs = check_model_folder(model)
+        dim, fingerprint = configs["text_encoder"].hidden_size, None
+        tok = load_tokenizer(os.path.join(model, "tokenizer"))
+        factor = 2 ** (len(configs["vae"].block_out_channels) + len(configs["unet"].block_out_channels) - 2)
+    else:
+        dim, fingerprint, tok = sd.text_encoder.config.hidden_size, sd.text_encoder_fingerprint, sd.tokenizer
+        factor = sd.latent_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    layout_lib.subject_positions(lay, tok)
+    if lay.size is not None and (lay.size[0] % factor or lay.size[1] % factor):
+        raise GenerateError(f"{lay.source}: size {list(lay.size)} must be a multiple of {factor} for this model")
+    for s, subject in enumerate(lay.subjects):
+        if subject.residual:
+            try:
+                with warnings.catch_warnings():  # a word mismatch is told once, when the layout is prepared
+                    warnings.simplefilter("ignore")
+                    artifacts.load_residual(subject.residual, word=subject.word, dim=dim, text_encoder=fingerprint,
+                                            allow_pickle=opts.allow_pickle)
+            except (artifacts.ArtifactError, CheckpointError) as e:
+                raise GenerateError(f"{lay.field(s)}.residual: {e}") from None
+    for path in opts.neurons:
+        artifacts.load_neurons(path)
+
+
 def generate(layout_path: str, options: GenerateOptions | None = None, *, sd: StableDiffusion | None = None,
              log: Callable[[str], None] = print, **fields: Any) -> dict:
     """Renders one image per seed for a layout file; returns the written paths.
 
     `fields` replace fields of `options` (`generate(path, seeds=[0, 1], model=...)`); `sd`, a
     loaded `cones_jax.pipeline.StableDiffusion`, is used instead of loading `options.model`.
-    Raises `GenerateError` / `cones_jax.layout.LayoutError` (one line each) before writing
-    anything when an input is bad or an output exists and `overwrite` is False.
+    Every input is checked before the model loads (`check_artifacts`), and nothing is written
+    unless every image is finite (`NonFiniteError` otherwise). The output folder is locked from
+    loading to writing (`fileio.OutputLock`); existing outputs are refused, unless `overwrite`,
+    both up front and again just before writing.
     """
-    from cones_jax.pipeline import load_pipeline
-
     try:
         opts = dataclasses.replace(options or GenerateOptions(), **fields)
     except TypeError as e:
         raise TypeError(f"generate: {e} (fields of GenerateOptions: "
                         f"{', '.join(f.name for f in dataclasses.fields(GenerateOptions))})") from None
-    seeds = [int(s) for s in opts.seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise GenerateError("`seeds` must be a non-empty list of distinct integers")
-    layout_config(opts.preset, None, opts.overrides)  # flags checked before any file is read
+    seeds = check_seeds(opts.seeds)
+    if opts.batch is not None and opts.batch < 1:
+        raise GenerateError(f"`batch` must be at least 1, got {opts.batch}")
+    check_config(layout_config(opts.preset, None, opts.overrides)[0])  # flags checked before any file is read
     cfg, lay = layout_config(opts.preset, layout_lib.load_layout(layout_path), opts.overrides)
+    check_config(cfg)
+    cfg, lay, clamped = clamp_guidance(cfg, lay) if opts.guided else (cfg, lay, "")
     stem = os.path.splitext(os.path.basename(layout_path))[0]
     paths = output_paths(opts.out_dir, stem, seeds, show_layout=opts.show_layout, attention=opts.attention_maps,
                          words=[s.word for s in lay.subjects])
+    check_output_dir(opts.out_dir, "out_dir")
     refuse_existing(paths, opts.overwrite)
+    model = None if sd is not None else opts.model or default_model()
+    check_artifacts(lay, opts, model, sd)
+    with OutputLock(opts.out_dir, "out_dir"):
+        if clamped:  # told once every check has passed, so that a refusal stays one line
+            note(clamped)
+        drawn = render(lay, cfg, seeds, opts, sd if sd is not None else model, log)
+        refuse_existing(paths, opts.overwrite)  # a run that is not ours may have written meanwhile
+        write_outputs(paths, drawn, lay, opts)
+    paths["seconds_per_image"] = drawn.seconds_per_image
+    return paths
 
-    sd = sd if sd is not None else load_pipeline(opts.model or default_model(), opts.dtype)
+
+def render(lay: layout_lib.Layout, cfg: Config, seeds: Sequence[int], opts: GenerateOptions,
+           sd_or_folder: StableDiffusion | str, log: Callable[[str], None]) -> Drawn:
+    """Loads the model (unless given one), prepares the layout, shuts any concept neurons and
+    samples every seed: the `Drawn` images, all finite."""
+    from cones_jax.pipeline import load_pipeline
+
+    sd = load_pipeline(sd_or_folder, opts.dtype) if isinstance(sd_or_folder, str) else sd_or_folder
     core = LayoutSampler(sd, cfg, guided=opts.guided, attention_maps=opts.attention_maps, batch=opts.batch,
                          negative_prompt=opts.negative_prompt, allow_pickle=opts.allow_pickle)
-    prepared = core.prepare(lay)  # a bad layout or residual fails here, before any compile
+    prepared = core.prepare(lay)  # the residuals' base model is checked here, before any compile
     params = None
     if opts.neurons:
         from cones_jax.neurons import params_with_neurons  # optax and the search: only when asked
@@ -146,9 +234,7 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd: St
         f"{drawn.devices} device(s))")
     log(f"sampled {len(seeds)} image(s) in {drawn.seconds:.2f} s ({drawn.seconds_per_image:.3f} s per image, "
         "compile time apart)")
-    write_outputs(paths, drawn, lay, opts)
-    paths["seconds_per_image"] = drawn.seconds_per_image
-    return paths
+    return drawn
 
 
 def draw_with_progress(core: LayoutSampler, prepared: Prepared, seeds: Sequence[int], params: Any,

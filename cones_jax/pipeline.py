@@ -71,6 +71,10 @@ class StableDiffusion:
 
 def check_folder(folder: str) -> dict:
     """Returns model_index.json; one-line errors for what makes a folder unusable."""
+    if os.path.isfile(folder):
+        raise CheckpointError(f"{folder} is a file, not a model folder; pass --model a local Stable Diffusion folder "
+                              "in diffusers layout (convert a single-file checkpoint with diffusers' "
+                              "StableDiffusionPipeline.from_single_file(...).save_pretrained)")
     if not os.path.isdir(folder):
         raise CheckpointError(f"model folder {folder!r} does not exist; pass --model a local Stable Diffusion "
                               "folder in diffusers layout")
@@ -139,6 +143,28 @@ def fingerprint_params(tree: Mapping) -> str:
     for path, leaf in sorted(flatten(tree).items()):
         fingerprint.update(path, leaf)
     return fingerprint.hexdigest()
+
+
+def check_model_folder(folder: str) -> dict[str, Any]:
+    """What can be known of a model folder without reading its weights, checked the way loading
+    would: model_index.json, each component's folder and config, a safetensors weights file for
+    each network, the scheduler config, and that the UNet takes the text encoder's width. Returns
+    the configs {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}, so that
+    artifacts can be checked against the model before the minutes spent loading and compiling it."""
+    check_folder(folder)
+    configs = {}
+    for name, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
+        component = _component_dir(folder, name)
+        configs[name] = component_config(cls, component)
+        weights.find_weights_file(component)
+    _component_dir(folder, "tokenizer")
+    path = os.path.join(_component_dir(folder, "scheduler"), "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{os.path.dirname(path)}: no scheduler_config.json")
+    if configs["unet"].cross_attention_dim != configs["text_encoder"].hidden_size:
+        raise CheckpointError(f"{folder}: the UNet expects {configs['unet'].cross_attention_dim}-d text embeddings "
+                              f"but the text encoder makes {configs['text_encoder'].hidden_size}-d ones")
+    return configs
 
 
 def load_pipeline(folder: str, dtype: str | DTypeLike = "fp32", *, param_dtype: str | DTypeLike | None = None,

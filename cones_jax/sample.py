@@ -12,7 +12,15 @@ Config values: preset < layout file < flags. `--set key=value` overrides any key
 `--set scheduler=...`, `--set cfg_scale=...`, and win over a `--set` of the same key.
 `weight_positive` is the γ⁺ of every subject whose layout entry gives no `strength`.
 
-Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
+Every input is checked before the model loads: flags and numbers (steps >= 1, finite CFG and λ,
+seeds distinct integers), the layout, the model folder, residual and concept-neuron files, and
+`--out` (writable, not a file, no existing outputs unless --overwrite). A `guidance_steps` above
+`--steps` guides every step and says so on stderr. While a run writes to `--out` it holds
+`<out>/.cones_jax.lock`: a second run to the same folder stops with an error instead.
+
+Exit codes: 0 done; 2 bad input or configuration; 1 the environment or the numbers (a read-only
+or locked --out, NaN/Inf images); 130 interrupted. A failure is one line on stderr, and no image
+is written (--debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cones_jax.generate import GenerateOptions
 
+from cones_jax.cli import ArgumentParser
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", required=True, help="layout JSON (ours or the official Cones-V2 config list), or "
                    "demo:NAME for a bundled one (demo:two_subjects; see cones_jax.bundled.layout_names())")
     p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo)")
@@ -85,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = generate(resolve_layout(args.layout), options(args))
         print(f"wrote {len(paths['images'])} image(s) and {paths['grid']}")
 
+    # config keys with no flag of their own are set with --set, and messages say so
+    via_set = {k: f"--set {k}" for k in ("guidance_steps", "guidance_weight", "weight_positive", "weight_negative")}
     return run_cli(job, debug=args.debug, parser=build_parser(),
-                   flags={"out_dir": "--out", "cfg_scale": "--cfg", "guided": "--no-guidance"})
+                   flags={"out_dir": "--out", "cfg_scale": "--cfg", "guided": "--no-guidance", **via_set})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from cones_jax import artifacts, guidance, sampling, schedulers
 from cones_jax import layout as layout_lib
-from cones_jax.errors import GenerateError
+from cones_jax.errors import GenerateError, NonFiniteError
 from cones_jax.layout.draw import to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
 
@@ -57,6 +57,25 @@ def config_value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
         return cfg[key]
     except (KeyError, AttributeError):
         return default
+
+
+FINITE_KEYS = ("cfg_scale", "guidance_weight", "weight_positive", "weight_negative")
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """The numbers of a sampling config that would make meaningless images, refused up front:
+    steps below 1, negative guided steps, NaN or Inf in the CFG scale, λ, γ⁺ or γ⁻ (a `--set x=1e999`
+    is Inf). Needs no model: `generate` runs it before loading one."""
+    steps = config_value(cfg, "steps")
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise GenerateError(f"`steps` must be an integer >= 1, got {steps!r}")
+    guided = config_value(cfg, "guidance_steps", 0)
+    if guided is not None and guided < 0:
+        raise GenerateError(f"`guidance_steps` must be >= 0, got {guided}")
+    for key in FINITE_KEYS:
+        value = config_value(cfg, key)
+        if value is not None and not np.isfinite(value):
+            raise GenerateError(f"`{key}` must be a finite number, got {value}")
 
 
 def prepare_layout(sd: StableDiffusion, lay: layout_lib.Layout, cfg: dict, *, height: int | None = None,
@@ -253,13 +272,15 @@ class LayoutSampler:
             raise GenerateError(f"`scheduler` {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
         if batch is not None and batch < 1:
             raise GenerateError(f"`batch` must be at least 1, got {batch}")
+        check_config(cfg)
         self.sd, self.cfg, self.guided, self.batch = sd, cfg, guided, batch
         self.negative_prompt, self.allow_pickle, self.on_step = negative_prompt, allow_pickle, on_step
         self.schedule = make_schedule(sd, cfg)
-        self.guided_steps = int(cfg["guidance_steps"]) if guided else 0
+        # more guided steps than steps means all of them (`generate` says so when it clamps)
+        self.guided_steps = min(int(cfg["guidance_steps"]), int(cfg["steps"])) if guided else 0
         self.sigmas = guidance_sigmas(cfg, self.schedule, self.guided_steps) if guided else None
         self.spec = sampling.SamplerSpec(
-            scheduler=cfg["scheduler"], steps=cfg["steps"], sow_attention=attention_maps,
+            scheduler=cfg["scheduler"], steps=cfg["steps"], sow_attention=attention_maps, check_finite=True,
             self_recurrence=guided and bool(config_value(cfg, "self_recurrence", False)))
         self.bias_fn = guidance.layout_bias if guided else None
 
@@ -327,19 +348,25 @@ class LayoutSampler:
         prepared = [made[id(job)] for job, _ in jobs]
         seeds = [int(s) for _, s in jobs]
         plan = self.plan(self.sd.params if params is None else params, prepared, seeds)
-        images, attention = [], [] if self.spec.sow_attention else None
+        images, attention, bad = [], [] if self.spec.sow_attention else None, []
         t0 = time.perf_counter()
         for idx, real in padded_chunks(len(jobs), plan.batch):
             inputs = shard_batch(self.inputs([prepared[k] for k in idx], [seeds[k] for k in idx]), plan.mesh)
-            out = plan.compiled.fn(plan.params, self.schedule, inputs)
-            pixels, maps = out if self.spec.sow_attention else (out, None)
-            images.extend(to_uint8(np.asarray(pixels))[:real])
-            if maps is not None:
+            pixels, *maps, finite = plan.compiled.fn(plan.params, self.schedule, inputs)
+            maps = maps[0] if maps else None
+            bad += [seeds[k] for k, ok in zip(idx[:real], np.asarray(finite)[:real]) if not ok]
+            if not bad:  # no uint8 cast of undefined pixels: once one image failed, the caller gets an error
+                images.extend(to_uint8(np.asarray(pixels))[:real])
+            if maps is not None and not bad:
                 maps = jax.device_get(maps)
                 attention.extend(jax.tree_util.tree_map(lambda m, k=k: m[k], maps) for k in range(real))
             if on_batch is not None:
                 on_batch(real)
         seconds = time.perf_counter() - t0
+        if bad:
+            raise NonFiniteError(
+                f"the sampler produced NaN or Inf for seed(s) {', '.join(map(str, bad))}; nothing was written. "
+                "Check the residual files, `cfg_scale` and `guidance_weight`; with `dtype` fp16, try bf16 or fp32")
         return Drawn(np.stack(images), prepared, attention, seconds, plan.compiled, plan.batch, plan.mesh.size)
 
     def draw(self, layouts: Sequence[layout_lib.Layout | str], seeds: Sequence[int], *, params: Any = None,

@@ -58,6 +58,7 @@ class SamplerSpec:
     self_recurrence: bool = False  # Cones 2 official: redo each guided step once after re-noising
     decode: bool = True
     sow_attention: bool = False  # also return cross-attention maps summed over all UNet calls
+    check_finite: bool = False  # also return a [B] bool: image k's latents and pixels are all finite
 
 
 @flax.struct.dataclass
@@ -97,7 +98,9 @@ def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
 def make_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, debug: bool = False,
                  on_step: Callable[[int], None] | None = None,
                  ) -> Callable[[Any, schedulers.Schedule, SampleInputs], Any]:
-    """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents).
+    """Builds `sample(params, schedule, inputs) -> images [B, H, W, 3] in [0, 1]` (or latents);
+    with `spec.sow_attention` also the attention maps, with `spec.check_finite` last a [B] bool
+    flag per image (a tuple then: images, maps, flags).
 
     `sd` is a `cones_jax.pipeline.StableDiffusion`; `params` its params dict. With `debug`, the
     function is not jitted and the step loop is a Python loop. `on_step(i)` is called on the host
@@ -165,17 +168,27 @@ def make_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None
             shapes = jax.eval_shape(lambda: denoise(params, schedule, context, x, 0, inputs)[1])
             maps0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
         x, _, maps = loop(0, schedule.timesteps.shape[0], one_step, (x, state, maps0))
-        out = x
+        out, finite_B = x, all_finite(x)
         if spec.decode:
             images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, x), method=vae.decode)
+            finite_B = finite_B & all_finite(images)  # before the clip, which would map ±Inf into [0, 1]
             out = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        outs = (out,)
         if spec.sow_attention:
             # cross-attention maps summed over every UNet call, conditional rows only
-            return out, jax.tree_util.tree_map(lambda m: cfg_halves(m)[1], maps)
-        return out
+            outs += (jax.tree_util.tree_map(lambda m: cfg_halves(m)[1], maps),)
+        if spec.check_finite:
+            outs += (finite_B,)
+        return outs if len(outs) > 1 else out
 
     loop = python_loop if debug else jax.lax.fori_loop
     return sample if debug else jax.jit(sample)
+
+
+def all_finite(x_Bx: Array) -> Array:
+    """[B] bool: whether every value of each item is finite (one reduction; a NaN anywhere in an
+    image's latents or pixels makes its uint8 pixels undefined)."""
+    return jnp.isfinite(x_Bx.reshape(x_Bx.shape[0], -1)).all(axis=1)
 
 
 def python_loop(lo: int, hi: int | Array, body: Callable[[int, Any], Any], carry: Any) -> Any:

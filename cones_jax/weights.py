@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cones_jax import convert
-from cones_jax.fileio import CheckpointError, load_safetensors, refuse_pickle
+from cones_jax.fileio import CheckpointError, load_safetensors
 
 _SAFETENSORS_NAMES = ("diffusion_pytorch_model", "model")
 _PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "model.ckpt")
@@ -38,10 +38,12 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def find_weights_file(component_dir: str, variant: str | None = None, allow_pickle: bool = False) -> str:
+def find_weights_file(component_dir: str, variant: str | None = None) -> str:
     """The component's safetensors file: `<name>.safetensors`, or `<name>.<variant>.safetensors`.
 
     With no variant asked for, a lone `.fp16` variant is used when it is the only file present.
+    Pickle weights (.bin, .ckpt) are never read, whatever the command's --allow-pickle (which is
+    about small official residuals): the message says how to convert them.
     """
     candidates = []
     for name in _SAFETENSORS_NAMES:
@@ -60,10 +62,10 @@ def find_weights_file(component_dir: str, variant: str | None = None, allow_pick
     for p in _PICKLE_NAMES:
         path = os.path.join(component_dir, p)
         if os.path.isfile(path):
-            refuse_pickle(path, allow_pickle,
-                          "a .safetensors export (diffusers: save_pretrained(..., safe_serialization=True))")
-            raise CheckpointError(f"{path}: pickle checkpoints are not loaded by cones_jax even when allowed; "
-                                  "convert it to safetensors with PyTorch first")
+            raise CheckpointError(
+                f"{path} is a pickle checkpoint, which cones_jax never loads as model weights; convert the "
+                "model to safetensors with diffusers (DiffusionPipeline.from_pretrained(folder)"
+                ".save_pretrained(new_folder, safe_serialization=True))")
     raise CheckpointError(f"{component_dir}: no weights file (expected one of {', '.join(candidates)})")
 
 

@@ -159,6 +159,7 @@ def test_generate_hands_the_resolved_values_to_the_sampler(tmp_path, monkeypatch
             raise Stop
 
     monkeypatch.setattr(gen, "LayoutSampler", Capture)
+    monkeypatch.setattr(gen, "check_artifacts", lambda *a, **k: None)  # `sd` is a stand-in, not a model
     args = sample_cli.parse_args(["--layout", str(path), "--out", str(tmp_path / "out"), "--steps", "4",
                                   "--set", "weight_negative=-7.0", "--set", "weight_positive=3.0",
                                   "--set", "steps=9"])

@@ -164,7 +164,7 @@ def test_core_reuses_its_sampler_and_draws_what_the_sampler_draws(tiny, tmp_path
     assert again.compiled.cached and again.batch == 4 and first.images.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(again.images[2:], first.images[1:])  # (lay, 1), (lay, 2): same images
     jitted = sampling.make_sampler(sd, core.spec, guidance.layout_bias)
-    want = to_uint8(jitted(sd.params, core.schedule, core.inputs([core.prepare(lay)] * 3, [0, 1, 2])))
+    want = to_uint8(jitted(sd.params, core.schedule, core.inputs([core.prepare(lay)] * 3, [0, 1, 2]))[0])
     assert np.abs(want.astype(int) - first.images.astype(int)).max() <= 1
 
 
@@ -178,3 +178,17 @@ def test_on_step_hears_every_step_and_is_compiled_in_only_when_given(tiny, tmp_p
     assert sorted(heard) == [0, 1]
     np.testing.assert_array_equal(called.images, plain.images)
     assert "callback" in called.compiled.fn.as_text() and "callback" not in plain.compiled.fn.as_text()
+
+
+def test_the_sampler_flags_non_finite_images_per_image(tiny, tmp_path):
+    """`check_finite`: one bool per image, computed inside the jitted sampler; a NaN in one image's
+    starting noise flags that image only."""
+    _, sd = tiny
+    cfg = load_config("paper", {"steps": 1})
+    sched, inputs = _prepared_inputs(sd, LAYOUT, tmp_path, cfg, [0, 1])
+    noise = np.asarray(inputs.noise).copy()
+    noise[0, 0, 0, 0] = np.nan
+    spec = sampling.SamplerSpec(scheduler="euler", steps=1, check_finite=True)
+    images, finite = sampling.make_sampler(sd, spec, guidance.layout_bias)(sd.params, sched,
+                                                                          inputs.replace(noise=noise))
+    assert images.shape[0] == 2 and np.asarray(finite).tolist() == [False, True]

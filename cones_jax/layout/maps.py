@@ -71,6 +71,15 @@ def _box_mask(box: tuple[float, ...], height: int, width: int) -> np.ndarray:
     return out
 
 
+def warn_if_stretched(layout: Layout, field: str, shape: tuple[int, ...], height: int, width: int) -> None:
+    """A mask or colour map of another aspect ratio than the image is stretched to fit: allowed (a
+    mask drawn at another resolution is common), but said, since the regions change shape."""
+    h0, w0 = shape
+    if abs(h0 / w0 - height / width) > 0.01 * height / width:
+        warnings.warn(f"{layout.source}: {field} is {w0}x{h0} (width x height) but the image is {width}x{height}; "
+                      "it is stretched to fit", LayoutWarning, stacklevel=3)
+
+
 def region_masks(layout: Layout, height: int, width: int) -> np.ndarray:
     """bool [S, height, width]: each subject's region at image resolution.
 
@@ -87,16 +96,15 @@ def region_masks(layout: Layout, height: int, width: int) -> np.ndarray:
         if sub.box is not None:
             out[s] = _box_mask(sub.box, height, width)
         elif sub.mask_path is not None:
-            out[s] = resize_nearest(read_mask(sub.mask_path, field + ".mask", layout.source), height, width)
+            mask = read_mask(sub.mask_path, field + ".mask", layout.source)
+            warn_if_stretched(layout, field + ".mask", mask.shape[:2], height, width)
+            out[s] = resize_nearest(mask, height, width)
         elif sub.color is not None:
             if rgb is None:
                 if layout.color_map_path is None:
                     raise field_error(layout.source, field + ".color", "needs a colour map (\"color_map\")")
                 rgb = read_color_map(layout.color_map_path, "color_map", layout.source)
-                h0, w0 = rgb.shape[:2]
-                if abs(h0 / w0 - height / width) > 0.01 * height / width:
-                    warnings.warn(f"{layout.source}: color_map is {w0}x{h0} (width x height) but the image is "
-                                  f"{width}x{height}; it is stretched to fit", LayoutWarning, stacklevel=2)
+                warn_if_stretched(layout, "color_map", rgb.shape[:2], height, width)
                 rgb = resize_nearest(rgb, height, width)
             out[s] = np.all(rgb == np.asarray(sub.color, np.uint8), axis=-1)
         else:

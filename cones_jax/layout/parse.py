@@ -179,6 +179,8 @@ def load_layout(path: str | os.PathLike, *, index: int = 0, tokenizer: Tokenizer
     Returned paths are absolute; relative ones resolve against the file's folder.
     """
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise LayoutError(f"{path} is a folder; pass the layout's .json file")
     if not os.path.isfile(path):
         raise LayoutError(f"{path}: layout file not found")
     try:
