@@ -58,3 +58,14 @@ class DivergedError(ConesError, FloatingPointError):
     """Training produced a non-finite loss: the numbers, not the input (exit code 1)."""
 
     exit_code = 1
+
+
+class TrainingStopped(ConesError):
+    """Training stopped by a signal between two steps; exit 130 (SIGINT) or 143 (SIGTERM), the
+    shell's codes for those signals. The message says where the run resumes."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
