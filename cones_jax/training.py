@@ -176,16 +176,17 @@ def list_images(folder: str, *, announce: bool = True) -> list[str]:
     return [os.path.join(folder, name) for name in paths]
 
 
-def check_images(folder: str, resolution: int | None = None, *, announce: bool = True) -> list[str]:
-    """The images of `folder`, each decoded once and at least `MIN_IMAGE_SIDE` px on its short side,
-    before any model loads; one warning line names those smaller than the training `resolution`
-    (they are upscaled)."""
+def check_images(folder: str, resolution: int | None = None, *, announce: bool = True,
+                 min_side: int = MIN_IMAGE_SIDE) -> list[str]:
+    """The images of `folder`, each decoded once and at least `min_side` px on its short side, before
+    any model loads; one warning line names those smaller than the training `resolution` (they are
+    upscaled)."""
     paths, small = list_images(folder, announce=announce), []
     for path in paths:
         side = min(read_image(path).size)
-        if side < MIN_IMAGE_SIDE:
+        if side < min_side:
             raise DataError(f"image {path} is {side} px on its short side; training needs at least "
-                            f"{MIN_IMAGE_SIDE} px (use a larger photo or remove it)")
+                            f"{min_side} px (use a larger photo or remove it)")
         if resolution is not None and side < resolution:
             small.append(os.path.basename(path))
     if small:
@@ -254,7 +255,9 @@ def load_images(folder: str, resolution: int, *, crop: str, multiple: int) -> li
     if resolution % multiple:
         raise ConfigError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
     out = []
-    for path in check_images(folder, announce=False):  # the trainers check (and warn) before loading a model
+    # The trainers check the user's photos (and warn) before loading a model; class images are the
+    # model's own samples, as small as its native size.
+    for path in check_images(folder, announce=False, min_side=1):
         img = resize_shorter_side(read_image(path), resolution, multiple)
         if crop == "center":
             img = center_crop(img, resolution)
