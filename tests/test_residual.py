@@ -380,8 +380,7 @@ def test_sigterm_stops_cleanly_and_resumes(tiny, tmp_path):
 
     root, images = tiny
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "dog.safetensors")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(), XLA_FLAGS="",
-               CONES_JAX_CACHE=os.path.join(os.path.expanduser("~/.cache/cones_jax"), "tests_cli"))
+    env = _cli_env()
     argv = ["residual", "--model", root, "--images", images, "--word", "dog", "--out", out, "--resolution",
             str(RES), "--lr", str(LR), "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--no-progress",
             "--set", "keep_checkpoints=2"]
@@ -410,6 +409,60 @@ def test_sigterm_stops_cleanly_and_resumes(tiny, tmp_path):
                                           overrides=dict(resolution=RES, lr=LR, keep_checkpoints=2), log=logs.append)
     assert any(f"resumed from step {stopped}" in s for s in logs), logs
     assert np.isfinite(resumed.delta).all() and os.path.exists(out)
+
+
+def _cli_env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(), XLA_FLAGS="",
+                CONES_JAX_CACHE=os.path.join(os.path.expanduser("~/.cache/cones_jax"), "tests_cli"))
+
+
+KILL_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tiny, tmp_path_factory):
+    """Δ of an uninterrupted KILL_STEPS-step run (checkpointing does not change the result)."""
+    root, images = tiny
+    out = str(tmp_path_factory.mktemp("ref") / "dog.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return residual.train_residual(root, images, "dog", out, steps=KILL_STEPS, progress=False,
+                                       overrides=dict(resolution=RES, lr=LR), log=lambda s: None).delta
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_sigkill_at_a_random_point_resumes_to_the_same_delta(tiny, kill_reference, tmp_path, seed):
+    """SIGKILL at a random moment after the first checkpoint write began (so also in the middle of
+    writes and of orbax deleting old steps); `--resume` must give the uninterrupted run's Δ."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, images = tiny
+    ckpt = str(tmp_path / "ckpt")
+    argv = ["residual", "--model", root, "--images", images, "--word", "dog", "--out", str(tmp_path / "a.safetensors"),
+            "--resolution", str(RES), "--lr", str(LR), "--steps", str(KILL_STEPS), "--checkpoint-every", "1",
+            "--checkpoint-dir", ckpt, "--no-progress", "--set", "keep_checkpoints=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "cones_jax.train", *argv], env=_cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and not (os.path.isdir(ckpt) and os.listdir(ckpt)):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(np.random.default_rng(seed).uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "b.safetensors"), steps=KILL_STEPS,
+                                          checkpoint_dir=ckpt, checkpoint_every=1, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=2),
+                                          log=lambda s: None)
+    np.testing.assert_allclose(resumed.delta, kill_reference, atol=1e-6, rtol=0)
 
 
 def test_artifact_roundtrip_and_width(tiny, full_run, tmp_path):
