@@ -7,7 +7,9 @@ the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train
     python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
         --images photos/dog photos/cat --out dog_cat.cones
 
-Config values: the preset (or `--config NAME|FILE.py`) < flags. `--set key=value` overrides any key
+Config values: the preset (or `--config NAME|FILE.py`) < flags. With neither --preset nor --config,
+the model's own training defaults apply (the demo model's recipe, else its native resolution; see
+docs/resume.md) and one stderr line names them. `--set key=value` overrides any key
 of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
 a `--set` of the same key.
 
