@@ -71,3 +71,12 @@ class NonFiniteError(ConesError, FloatingPointError):
     """Sampling produced NaN or Inf: the numbers, not the input (exit code 1); nothing is written."""
 
     exit_code = 1
+class TrainingStopped(ConesError):
+    """Training stopped by a signal between two steps; exit 130 (SIGINT) or 143 (SIGTERM), the
+    shell's codes for those signals. The message says where the run resumes."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

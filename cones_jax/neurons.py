@@ -48,7 +48,7 @@ from cones_jax.artifacts import (  # noqa: F401
 )
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
-from cones_jax.errors import NeuronsError
+from cones_jax.errors import DivergedError, NeuronsError
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
 
@@ -310,6 +310,22 @@ def load_train_config(config: str | None = None, overrides: dict | None = None) 
     return load_config(config or "cones1_train", {k: v for k, v in (overrides or {}).items() if v is not None})
 
 
+def default_train_config(model_dir: str, config: str | None,
+                         overrides: Mapping[str, Any]) -> tuple[dict, str | None]:
+    """`config`, else the model's own (`training.model_training_config`: the demo model's
+    cones1_train_demo), else cones1_train; its numbers checked. With no `config`, also a line
+    saying which."""
+    chosen = None
+    if config is None:
+        config, _, why = training.model_training_config(model_dir, "neurons")
+        if config is None:
+            config, why = "cones1_train", "the default (at the model's native resolution)"
+        chosen = f"config: {config}, from {why} (--config chooses another)"
+    cfg = load_train_config(config, overrides)
+    training.check_numbers(cfg, lr_key="rho")
+    return cfg, chosen
+
+
 class Subject(NamedTuple):
     """One subject of a search: its photos, class word and identifier."""
 
@@ -494,13 +510,18 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
     tau, sparsity = opts.tau, opts.sparsity
     if tau is not None and sparsity is not None:
         raise NeuronsError("give `tau` or `sparsity`, not both")
-    cfg = load_train_config(opts.config, opts.overrides)
+    class_word = training.check_word(class_word, "class_word")
+    cfg, chosen = default_train_config(model_dir, opts.config, opts.overrides)
     if tau is None and sparsity is None:
         tau, sparsity = cfg["tau"], cfg["sparsity"]
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
-    if opts.resume and not opts.checkpoint_dir:
-        raise NeuronsError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
+    training.check_checkpoint_dir(opts.checkpoint_dir, opts.resume)
+    training.check_images(images_dir, cfg["resolution"])
+    if opts.class_dir and os.path.isfile(opts.class_dir):
+        raise NeuronsError(f"`class_dir` {opts.class_dir} is a file, not a folder")
+    if chosen:
+        log(chosen)
     subj = Subject(images_dir, class_word, cfg["identifier"])
     setup = setup_neurons(model_dir, subj, cfg=cfg, class_dir=opts.class_dir, dtype=opts.dtype, log=log)
     ckpt = None
@@ -517,6 +538,7 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
             ckpt.close()
     if history is not None:
         history.extend(hist)
+    _check_finite(scores, ckpt)
     if tau is None:
         tau = tau_for_sparsity(scores, sparsity)
     indices = select_neurons(scores, tau)
@@ -570,7 +592,11 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
         raise NeuronsError("give `tau` or `keep`, not both")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise NeuronsError(f"`keep` must be in (0, 1], got {keep}")
-    cfg = load_train_config(opts.config, opts.overrides)
+    cfg, chosen = default_train_config(model_dir, opts.config, opts.overrides)
+    for images in images_dirs:
+        training.check_images(images, cfg["resolution"])
+    if chosen:
+        log(chosen)
     if tau is None and keep is None:
         tau = cfg["joint_tau"]
     sd = load_pipeline(model_dir, dtype=opts.dtype)
@@ -593,6 +619,7 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     scores, hist = search(joint, steps=cfg["steps"], progress=opts.progress, allowed=allowed, log=log)
     if history is not None:
         history.extend(hist)
+    _check_finite(scores, None)
     in_union = {k: v.ravel()[shut[k]] if k in shut else np.zeros(0, v.dtype) for k, v in scores.items()}
     if tau is None:  # --keep: the top fraction of the union, as --sparsity picks it from all searched weights
         tau = -np.inf if keep == 1.0 else tau_for_sparsity(in_union, keep)
@@ -613,5 +640,11 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
-        raise NeuronsError(f"{out} exists; pass `overwrite` to replace it")
+    training.check_output(out, overwrite, ".cones")
+
+
+def _check_finite(scores: dict[str, np.ndarray], checkpointer: training.Checkpointer | None) -> None:
+    """No .cones file from a search whose ξ went non-finite (its scores would pick arbitrary neurons)."""
+    if not all(np.isfinite(v).all() for v in scores.values()):
+        raise DivergedError("the neuron scores are not finite; nothing written; lower the learning rate (rho); "
+                            f"{training.resume_hint(checkpointer) or 'no checkpoint was saved'}")

@@ -30,7 +30,7 @@ import numpy as np
 
 from cones_jax import artifacts, training
 from cones_jax.config import load_config
-from cones_jax.errors import ResidualError
+from cones_jax.errors import DivergedError, ResidualError
 from cones_jax.models.clip_text import CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
@@ -294,12 +294,27 @@ def compute_residual(text: CLIPTextTransformer, tuned_params: Any, frozen_params
 # --------------------------------------------------------------------------------------------
 
 
-def load_train_config(preset: str = "official", config: str | None = None, overrides: dict | None = None) -> dict:
+def load_train_config(preset: str | None = "official", config: str | None = None,
+                      overrides: dict | None = None) -> dict:
     """A training config: `config` (name or path) if given, else the preset's; then non-None overrides."""
     name = config or PRESETS.get(preset)
     if name is None:
         raise ResidualError(f"unknown preset {preset!r}; use official or paper (or --config FILE)")
     return load_config(name, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def default_train_config(model_dir: str, preset: str | None, config: str | None,
+                         overrides: dict) -> tuple[dict, str | None]:
+    """The config when the user may have named none: `config`, else `preset`, else the model's own
+    training defaults (`training.model_training_config`: the demo model's recipe, or the official
+    preset at the model's native resolution). Returns it and, in the last case, a line saying which."""
+    if config or preset:
+        return load_train_config(preset or "official", config, overrides), None
+    name, resolution, why = training.model_training_config(model_dir, "residual")
+    name = name or PRESETS["official"]
+    base = {"resolution": resolution} if resolution is not None else {}
+    cfg = load_train_config(None, name, {**base, **overrides})
+    return cfg, f"config: {name} at {cfg['resolution']} px, from {why} (--config or --preset chooses another)"
 
 
 @dataclasses.dataclass
@@ -390,13 +405,10 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
-        raise ResidualError(f"{out} exists; pass `overwrite` to replace it")
-    if not out.endswith(".safetensors"):
-        raise ResidualError(f"`out` {out!r} must end with .safetensors")
+    training.check_output(out, overwrite, ".safetensors")
 
 
-def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, preset: str = "official",
+def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, preset: str | None = None,
                    config: str | None = None, steps: int | None = None, batch: int | None = None,
                    lr: float | None = None, resolution: int | None = None, seed: int | None = None,
                    checkpoint_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
@@ -406,17 +418,23 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
                    log: Callable[[str], None] | None = None) -> artifacts.Residual:
     """Trains a Cones 2 residual for `word` from the photos in `images_dir`; writes it to `out` atomically.
 
-    `history`, if a list, receives each step's metrics (loss, loss_sub, loss_reg, grad_norm).
+    With neither `preset` nor `config`, the model's own training defaults apply (`default_train_config`).
+    Every input is checked before the model loads. `history`, if a list, receives each step's metrics
+    (loss, loss_sub, loss_reg, grad_norm).
     """
     log = log or (lambda s: print(s, file=sys.stderr))
     training.maybe_initialize_distributed(distributed)
     _check_out(out, overwrite)
+    word = training.check_word(word)
     explicit = dict(steps=steps, batch=batch, lr=lr, resolution=resolution, seed=seed,
                     checkpoint_every=checkpoint_every)
-    cfg = load_train_config(preset, config, dict(overrides or {}, **{k: v for k, v in explicit.items()
-                                                                     if v is not None}))
-    if resume and not checkpoint_dir:
-        raise ResidualError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
+    flags = dict(overrides or {}, **{k: v for k, v in explicit.items() if v is not None})
+    cfg, chosen = default_train_config(model_dir, preset, config, flags)
+    training.check_numbers(cfg)
+    training.check_checkpoint_dir(checkpoint_dir, resume)
+    training.check_images(images_dir, cfg["resolution"])
+    if chosen:
+        log(chosen)  # after the checks: a refused run prints its one error line only
     setup = setup_residual(model_dir, images_dir, word, cfg=cfg, dtype=dtype, remat=remat, sentences=sentences)
 
     checkpointer = None
@@ -445,6 +463,9 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
     tuned = jax.device_get(state["params"]["text_encoder"])
     delta = compute_residual(setup.spec.text, tuned, setup.text_params, setup.tokenizer, setup.word,
                              setup.delta_prompts)
+    if not np.isfinite(delta).all():
+        raise DivergedError(f"Δ is not finite after {cfg['steps']} steps; nothing written; lower the learning rate; "
+                            f"{training.resume_hint(checkpointer) or 'no checkpoint was saved'}")
     residual = artifacts.Residual(delta, setup.word, setup.token_ids, setup.fingerprint, cfg["preset"], out)
     _check_out(out, overwrite)  # again: the file may have appeared during a long run
     artifacts.save_residual(out, residual, extra={"steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"]})

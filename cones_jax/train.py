@@ -7,11 +7,14 @@ the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train
     python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
         --images photos/dog photos/cat --out dog_cat.cones
 
-Config values: the preset (or `--config NAME|FILE.py`) < flags. `--set key=value` overrides any key
+Config values: the preset (or `--config NAME|FILE.py`) < flags. With neither --preset nor --config,
+the model's own training defaults apply (the demo model's recipe, else its native resolution; see
+docs/resume.md) and one stderr line names them. `--set key=value` overrides any key
 of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
 a `--set` of the same key.
 
-Exit codes: 0 done, 2 bad input (one line on stderr, nothing written).
+Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 1 the environment or a
+diverged loss; 130 / 143 stopped by Ctrl-C / SIGTERM (the line says where to resume; docs/resume.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="folder of subject photos (3-5)")
     p.add_argument("--word", required=True, help="the subject's category word, e.g. dog")
     p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
-    p.add_argument("--preset", default="official", choices=["official", "paper"])
+    p.add_argument("--preset", choices=["official", "paper"],
+                   help="default: the model's own training defaults (cones2_train_demo for the demo model; "
+                        "else official at the model's native resolution)")
     p.add_argument("--config", help="a training config instead of the preset's: a preset name of cones_jax/configs "
                                     "(e.g. cones2_train_demo) or a .py file with get_config()")
     p.add_argument("--steps", type=int)
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
     return run_cli(lambda: commands[args.command](args), debug=args.debug, parser=build_parser(),
-                   flags={"class_word": "--class"})
+                   flags={"class_word": "--class", "class_dir": "--class-images"})
 
 
 if __name__ == "__main__":

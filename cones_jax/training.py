@@ -17,13 +17,17 @@ they are neither copied nor given optimiser slots.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cones_jax.errors import ConfigError, DataError, DivergedError
+from cones_jax.errors import ConfigError, DataError, DivergedError, TrainingStopped
 from cones_jax.fileio import CheckpointError
 from cones_jax.schedulers import add_noise, training_target
 
@@ -45,7 +49,108 @@ if TYPE_CHECKING:
     from cones_jax.models.vae import AutoencoderKL
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MIN_IMAGE_SIDE = 32  # px: below this a photo holds too little of the subject to learn from
 DATA_AXIS = "data"
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before work: everything that can fail before the model loads fails then
+# --------------------------------------------------------------------------------------------
+
+MODEL_TRAINING_FILE = "cones_jax_training.json"  # in a model folder: {"residual": preset, "neurons": preset}
+
+
+def check_output(out: str, overwrite: bool, suffix: str, param: str = "out") -> None:
+    """`out` can be written: a file name ending in `suffix`, not a folder, not an existing file unless
+    `overwrite`, below a writable folder (an unwritable one is the environment: `PermissionError`)."""
+    if os.path.isdir(out):
+        raise ConfigError(f"`{param}` {out} is a folder; give a file name such as "
+                          f"{os.path.join(out, 'subject' + suffix)}")
+    if not out.endswith(suffix):
+        raise ConfigError(f"`{param}` {out!r} must end with {suffix}")
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"{out} exists; pass `overwrite` to replace it")
+    check_writable_folder(os.path.dirname(os.path.abspath(out)), param)
+
+
+def check_writable_folder(folder: str, param: str) -> None:
+    """The nearest existing folder of `folder` (the rest is created on writing) is a writable folder."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"`{param}`: {existing} is a file, so no folder can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "folder is not writable", existing)
+
+
+def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
+    if resume and not checkpoint_dir:
+        raise ConfigError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
+    if checkpoint_dir is None:
+        return
+    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise ConfigError(f"`checkpoint_dir` {checkpoint_dir} is a file, not a folder")
+    check_writable_folder(os.path.abspath(checkpoint_dir), "checkpoint_dir")
+
+
+def check_numbers(cfg: Any, *, lr_key: str = "lr") -> None:
+    """The config values training counts with: whole numbers of at least 1, a finite positive rate."""
+    for key in ("steps", "batch", "checkpoint_every", "keep_checkpoints"):
+        if key in cfg and cfg[key] < 1:
+            raise ConfigError(f"`{key}` must be at least 1, got {cfg[key]}")
+    if cfg.get("resolution") is not None and cfg["resolution"] < MIN_IMAGE_SIDE:
+        raise ConfigError(f"`resolution` must be at least {MIN_IMAGE_SIDE} px, got {cfg['resolution']}")
+    rate = cfg[lr_key]
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"`{lr_key}` must be a finite number above 0, got {rate}")
+
+
+def check_word(word: str, param: str = "word") -> str:
+    """A subject word of letters, digits and spaces: CLIP splits punctuation into tokens of its own
+    (`star!` is `star` + `!`), which would be trained as part of the subject."""
+    word = word.strip()
+    if not word:
+        raise ConfigError(f"`{param}` is empty; give the subject's category word, e.g. dog")
+    odd = sorted({c for c in word if not (c.isalnum() or c == " ")})
+    if odd:
+        raise ConfigError(f"`{param}` {word!r} holds {' '.join(odd)!r}, which the tokenizer reads as token(s) of "
+                          "their own; give the bare word, e.g. "
+                          f"{''.join(c for c in word if c.isalnum() or c == ' ').strip() or 'dog'!r}")
+    return word
+
+
+def model_training_config(model_dir: str, kind: str) -> tuple[str | None, int | None, str]:
+    """A model's own training defaults when the user names no config: (preset name or None, resolution
+    or None, why, for one stderr line).
+
+    A model folder may ship `MODEL_TRAINING_FILE` naming a preset of `cones_jax/configs` per `kind`
+    ("residual", "neurons"); the bundled demo model does. Only preset names count, never a .py path:
+    a downloaded model folder must not run code. Otherwise the resolution is the model's native one,
+    the UNet's sample_size × the VAE's downsampling factor (2 per VAE block after the first).
+    """
+    path = os.path.join(model_dir, MODEL_TRAINING_FILE)
+    if os.path.isfile(path):
+        from cones_jax.config import preset_names
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                name = json.load(f).get(kind)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{path} is not a JSON object of preset names ({e}); fix or delete it") from None
+        if name is not None and (not isinstance(name, str) or name.endswith(".py") or name not in preset_names()):
+            raise ConfigError(f"{path}: {kind!r} names {name!r}, which is not a preset of cones_jax/configs")
+        if name is not None:
+            return name, None, f"the model's {MODEL_TRAINING_FILE}"
+    try:
+        with open(os.path.join(model_dir, "unet", "config.json"), encoding="utf-8") as f:
+            sample_size = int(json.load(f)["sample_size"])
+        with open(os.path.join(model_dir, "vae", "config.json"), encoding="utf-8") as f:
+            blocks = len(json.load(f)["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None, "the preset (the model's config does not say its resolution)"
+    factor = 2 ** (blocks - 1)
+    return None, sample_size * factor, f"the model's UNet sample_size {sample_size} × VAE factor {factor}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,23 +158,54 @@ DATA_AXIS = "data"
 # --------------------------------------------------------------------------------------------
 
 
-def list_images(folder: str) -> list[str]:
-    """Image files of a folder, sorted by name; other files are skipped with a warning."""
+def list_images(folder: str, *, announce: bool = True) -> list[str]:
+    """Image files of a folder, sorted by name; the other files are named in one warning line (with
+    `announce`)."""
+    if os.path.isfile(folder):
+        raise DataError(f"image folder {folder} is a file, not a folder; pass the folder that holds the photos")
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist")
-    paths = []
+    paths, skipped = [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith(".") or not os.path.isfile(path):
             continue  # hidden files (.DS_Store) and sub-folders are never training data
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-            paths.append(path)
-        else:
-            warnings.warn(f"skipping {path}: not an image file ({', '.join(IMAGE_EXTENSIONS)})", stacklevel=2)
+        (paths if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(name)
     if not paths:
         raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                         "put 3-5 photos of the subject there")
+    if skipped and announce:
+        # One line for the folder: a warning per file (with its source line) buries the run's output.
+        print(f"warning: skipping {len(skipped)} file(s) of {folder} that are not images: "
+              f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+    return [os.path.join(folder, name) for name in paths]
+
+
+def check_images(folder: str, resolution: int | None = None, *, announce: bool = True,
+                 min_side: int = MIN_IMAGE_SIDE) -> list[str]:
+    """The images of `folder`, each decoded once and at least `min_side` px on its short side, before
+    any model loads; one warning line names those smaller than the training `resolution` (they are
+    upscaled)."""
+    paths, small = list_images(folder, announce=announce), []
+    for path in paths:
+        side = min(read_image(path).size)
+        if side < min_side:
+            raise DataError(f"image {path} is {side} px on its short side; training needs at least "
+                            f"{min_side} px (use a larger photo or remove it)")
+        if resolution is not None and side < resolution:
+            small.append(os.path.basename(path))
+    if small:
+        print(f"warning: {len(small)} image(s) of {folder} are smaller than the training resolution "
+              f"{resolution} px and are upscaled: {', '.join(small[:3])}{', ...' if len(small) > 3 else ''}",
+              file=sys.stderr)
     return paths
+
+
+def _from_16_bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) greyscale as 8-bit: PIL's own conversion clips every value above
+    255, so a 16-bit PNG would turn all white."""
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def read_image(path: str) -> Image.Image:
@@ -78,6 +214,8 @@ def read_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit greyscale PNG or TIFF
+                img = _from_16_bit(img)
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 # Transparent pixels become white rather than whatever colour they happen to hold.
                 rgba = img.convert("RGBA")
@@ -122,7 +260,9 @@ def load_images(folder: str, resolution: int, *, crop: str, multiple: int) -> li
     if resolution % multiple:
         raise ConfigError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
     out = []
-    for path in list_images(folder):
+    # The trainers check the user's photos (and warn) before loading a model; class images are the
+    # model's own samples, as small as its native size.
+    for path in check_images(folder, announce=False, min_side=1):
         img = resize_shorter_side(read_image(path), resolution, multiple)
         if crop == "center":
             img = center_crop(img, resolution)
@@ -274,7 +414,9 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
+        # Checked on the host with the loss (`run_loop`): no non-finite state is ever checkpointed.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite, **parts}
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         if "ema" in state:
             new_state["ema"] = ema_update(state["ema"], params, state["step"], ema_decay)
@@ -384,12 +526,17 @@ class Checkpointer:
         return step % self.every == 0 or final
 
     def check_metadata(self, step: int) -> None:
+        """Refuses a checkpoint of another base model, task or subject: every metadata key this run
+        has (fingerprint, kind, word, ...) must match. An unreadable metadata item raises whatever
+        orbax raises; `resume_state` skips that step."""
         meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
-        for key in ("fingerprint", "kind"):
-            if key in self.metadata and meta.get(key) != self.metadata[key]:
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata of step {step} is not a JSON object")
+        for key, want in self.metadata.items():
+            if meta.get(key) != want:
                 raise CheckpointError(
                     f"checkpoint {self.directory} (step {step}) has {key} {meta.get(key)!r} but this run has "
-                    f"{self.metadata[key]!r}: it belongs to another base model or task; use another "
+                    f"{want!r}: it belongs to another base model, task or subject; use another "
                     "--checkpoint-dir or drop --resume")
 
     def restore(self, state_like: dict, step: int | None = None) -> dict | None:
@@ -410,13 +557,34 @@ class Checkpointer:
                                   "--resume to continue from it or choose another --checkpoint-dir")
 
     def resume_state(self, state: dict, log: Callable[[str], None]) -> dict:
-        """The latest checkpointed state, or `state` itself when there is none."""
-        restored = self.restore(state)
-        if restored is None:
-            log(f"no checkpoint in {self.directory}; starting from step 0")
-            return state
-        log(f"resumed from step {int(restored['step'])} in {self.directory}")
-        return restored
+        """The newest checkpointed state that restores, or `state` itself when none does.
+
+        A step that fails to restore (a truncated array file, a missing item or metadata: a run killed
+        while writing) is skipped with one warning line and moved aside to `damaged-step-N`, so that
+        this run can save that step again; the step before it is tried next. A checkpoint of another
+        model or subject is refused (`CheckpointError`), not skipped: it is not this run's.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(state, step)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged step
+                log(f"warning: skipping checkpoint step {step} in {self.directory}: it does not restore "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); trying the one before")
+                self._set_aside(step)
+                continue
+            log(f"resumed from step {int(restored['step'])} in {self.directory}")
+            return restored
+        log(f"no usable checkpoint in {self.directory}; starting from step 0")
+        return state
+
+    def _set_aside(self, step: int) -> None:
+        damaged = os.path.join(self.directory, f"damaged-step-{step}")
+        if os.path.exists(damaged):
+            shutil.rmtree(damaged)
+        os.replace(os.path.join(self.directory, str(step)), damaged)
+        self.manager.reload()  # the manager caches its list of steps
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -531,9 +699,71 @@ def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
     return {k: f"{metrics[k]:.4f}" for k in keys}
 
 
+class StopSignals:
+    """SIGINT and SIGTERM during a training loop: remembered, then acted on between two steps, so a
+    checkpoint is never cut in half. A second signal stops at once (KeyboardInterrupt)."""
+
+    NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.NAMES}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def stopped(self, steps_done: int, total_steps: int, checkpointer: Checkpointer | None) -> TrainingStopped:
+        """The error that ends the run: what stopped it and where it resumes (exit 128 + signal)."""
+        where = (f"step {steps_done} is saved in {checkpointer.directory}; continue with `resume`"
+                 if checkpointer is not None else "nothing was saved (pass `checkpoint_dir` to make a run resumable)")
+        return TrainingStopped(f"stopped by {self.NAMES[self.signum]} after step {steps_done} of {total_steps}; "
+                               f"{where}", exit_code=128 + int(self.signum))
+
+
+def resume_hint(checkpointer: Checkpointer | None) -> str:
+    """Where a diverged run can go back to: its newest checkpoint (all saved states are finite);
+    "" without checkpoints."""
+    if checkpointer is None:
+        return ""
+    checkpointer.manager.wait_until_finished()
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return f"no checkpoint was saved in {checkpointer.directory}"
+    return f"the last good checkpoint is step {latest} in {checkpointer.directory} (continue with `resume`)"
+
+
 def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *, total_steps: int,
              checkpointer: Checkpointer | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """Runs `step_fn` from `state["step"]` to `total_steps`; `batches(step)` gives the host batch.
+
+    SIGINT / SIGTERM stop the loop after the current step: its state is checkpointed (with a
+    `checkpointer`) and `TrainingStopped` says where to resume. A non-finite loss or parameter raises
+    `DivergedError` naming the newest checkpoint, none of which holds a non-finite value.
+    See `_loop` for the rest.
+    """
+    with StopSignals() as stop:
+        try:
+            return _loop(step_fn, state, batches, total_steps, checkpointer, progress, log, stop)
+        except DivergedError as e:
+            hint = resume_hint(checkpointer)
+            raise DivergedError(f"{e}; {hint}" if hint else str(e)) from None
+
+
+def _loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], total_steps: int,
+          checkpointer: Checkpointer | None, progress: bool, log: Callable[[str], None] | None,
+          stop: StopSignals) -> tuple[dict, list[dict]]:
     """Runs `step_fn` from `state["step"]` to `total_steps`; `batches(step)` gives the host batch.
 
     Prints compile time apart from the steps; a tqdm bar shows the loss, its parts, steps/s, TFLOP/s
@@ -566,6 +796,8 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(values["loss"]):
             raise DivergedError(f"loss became {values['loss']} at step {step}; lower the learning rate")
+        if not values.pop("params_finite", 1.0):
+            raise DivergedError(f"the parameters became non-finite at step {step}; lower the learning rate")
         history.append(values)
         rates = throughput_fields(*throughput(flops, len(history), time.perf_counter() - t0, peak))
         bar.set_postfix({**progress_fields(values), **rates}, refresh=False)
@@ -579,10 +811,18 @@ def run_loop(step_fn: TrainStep, state: dict, batches: Callable[[int], dict], *,
         if pending is not None:
             record(*pending)
         pending = (step, metrics)
-        if checkpointer is not None and checkpointer.due(step + 1, final=step + 1 == total_steps):
+        stopping = stop.signum is not None
+        if checkpointer is not None and (stopping or checkpointer.due(step + 1, final=step + 1 == total_steps)):
             record(*pending)
             pending = None
             checkpointer.save(step + 1, state)
+        if stopping:
+            if pending is not None:
+                record(*pending)
+            if checkpointer is not None:
+                checkpointer.manager.wait_until_finished()
+            bar.close()
+            raise stop.stopped(step + 1, total_steps, checkpointer)
     if pending is not None:
         record(*pending)
     seconds = time.perf_counter() - t0

@@ -74,15 +74,17 @@ def _draws(setup, b, seed):
 # ---------------------------------------------------------------------------------------------- data
 
 
-def test_image_folder_loading(tiny, tmp_path):
+def test_image_folder_loading(tiny, tmp_path, capsys):
     _, images = tiny
-    with pytest.warns(UserWarning, match="notes.txt"):
-        arrays = training.load_images(images, RES, crop="random", multiple=2)
+    training.check_images(images, RES)  # what the trainers run before loading a model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: skipping 1 file(s)") and "notes.txt" in err[0], err
+    arrays = training.load_images(images, RES, crop="random", multiple=2)
+    assert capsys.readouterr().err == ""  # loading does not repeat the warning
     # EXIF orientation applied: the 48x32 stored image is 32 wide, 48 high once upright.
     assert arrays[0].shape == (48, 32, 3) and arrays[1].shape == (40, 32, 3)
     assert all(a.dtype == np.float32 and a.min() >= -1 and a.max() <= 1 for a in arrays)
-    with pytest.warns(UserWarning):
-        centre = training.load_images(images, RES, crop="center", multiple=2)
+    centre = training.load_images(images, RES, crop="center", multiple=2)
     assert [a.shape for a in centre] == [(RES, RES, 3)] * 2
     Image.fromarray(np.full((8, 8), 200, np.uint8), "L").save(tmp_path / "grey.png")
     assert training.load_images(str(tmp_path), 16, crop="center", multiple=2)[0].shape == (16, 16, 3)
@@ -292,6 +294,175 @@ def test_resume_gives_the_same_residual(tiny, full_run, tmp_path):
     model_bytes = sum(os.path.getsize(os.path.join(d, f)) for c in ("unet", "vae")
                       for d, _, fs in os.walk(os.path.join(root, c)) for f in fs)
     assert ckpt_bytes < model_bytes
+
+
+def _damage(step_dir, how):
+    """What a run killed while writing a checkpoint leaves: a truncated array file, a step folder
+    without its state item, or one without its metadata."""
+    if how == "truncated array file":
+        data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+        for name in os.listdir(data):
+            path = os.path.join(data, name)
+            os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        shutil.rmtree(os.path.join(step_dir, "state" if how == "missing state item" else "meta"))
+
+
+@pytest.mark.parametrize("how", ["truncated array file", "missing state item", "missing metadata"])
+def test_resume_skips_a_damaged_checkpoint(tiny, full_run, tmp_path, how):
+    root, images = tiny
+    res, _, ckpt = full_run
+    killed = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, killed)
+    _damage(os.path.join(killed, "4"), how)
+    resumed, logs = _resume(root, images, killed, str(tmp_path / "dog.safetensors"))
+    skipped = [s for s in logs if "skipping checkpoint step 4" in s]
+    assert len(skipped) == 1 and "\n" not in skipped[0], logs
+    assert any("resumed from step 2" in s for s in logs), logs
+    np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
+    # The damaged step was set aside and saved again by the resumed run.
+    assert os.path.isdir(os.path.join(killed, "damaged-step-4")) and os.path.isdir(os.path.join(killed, "4"))
+
+
+def test_resume_without_a_good_checkpoint_starts_afresh(tiny, full_run, tmp_path):
+    root, images = tiny
+    res, _, ckpt = full_run
+    killed = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, killed)
+    _damage(os.path.join(killed, "4"), "missing state item")
+    _damage(os.path.join(killed, "2"), "truncated array file")
+    resumed, logs = _resume(root, images, killed, str(tmp_path / "dog.safetensors"))
+    assert sum("skipping checkpoint step" in s for s in logs) == 2, logs
+    assert any("starting from step 0" in s for s in logs), logs
+    np.testing.assert_allclose(resumed.delta, res.delta, atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_another_word(tiny, full_run, tmp_path, capsys):
+    root, images = tiny
+    _, _, ckpt = full_run
+    other = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, other)
+    before = sorted(os.listdir(other))
+    out = str(tmp_path / "cat.safetensors")
+    rc, errors, err = _cli(capsys, ["residual", "--model", root, "--images", images, "--word", "cat", "--out", out,
+                                    "--resolution", str(RES), "--steps", "6", "--checkpoint-dir", other, "--resume",
+                                    "--no-progress"])
+    assert rc == 2 and len(errors) == 1 and "word 'dog'" in errors[0], err
+    assert sorted(os.listdir(other)) == before and not os.path.exists(out)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    root, images = tiny
+    out = str(tmp_path / "dog.safetensors")
+    ckpt = str(tmp_path / "ckpt")
+    # A learning rate this large sends the tiny encoder to Inf/NaN within a few steps.
+    rc, errors, err = _cli(capsys, ["residual", "--model", root, "--images", images, "--word", "dog", "--out", out,
+                                    "--resolution", str(RES), "--steps", "8", "--lr", "1e30", "--set",
+                                    "max_grad_norm=1e30", "--checkpoint-dir", ckpt, "--checkpoint-every", "1",
+                                    "--no-progress"])
+    assert rc == 1 and len(errors) == 1, err
+    assert ("became" in errors[0] or "not finite" in errors[0]) and "--resume" in errors[0], err
+    assert not os.path.exists(out)
+    saved = sorted(int(f) for f in os.listdir(ckpt) if f.isdigit())
+    if saved:
+        assert f"step {saved[-1]}" in errors[0]
+        state = training.Checkpointer(ckpt, every=1, keep=2, metadata={}).manager.restore(saved[-1])
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["state"]))
+
+
+def test_sigterm_stops_cleanly_and_resumes(tiny, tmp_path):
+    """SIGTERM to `python -m cones_jax.train residual`: the step in flight finishes and is saved, one
+    line says where to resume, exit 143; `--resume` continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, images = tiny
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "dog.safetensors")
+    env = _cli_env()
+    argv = ["residual", "--model", root, "--images", images, "--word", "dog", "--out", out, "--resolution",
+            str(RES), "--lr", str(LR), "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--no-progress",
+            "--set", "keep_checkpoints=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "cones_jax.train", *argv, "--steps", "100000"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.isdir(ckpt) and any(f.isdigit() for f in os.listdir(ckpt))):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143, err
+    assert lines[-1].startswith("error: stopped by SIGTERM after step ") and "--resume" in lines[-1], err
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    stopped = int(lines[-1].split("after step ")[1].split()[0])
+    assert max(int(f) for f in os.listdir(ckpt) if f.isdigit()) == stopped and not os.path.exists(out)
+    logs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", out, steps=stopped + 1, checkpoint_dir=ckpt,
+                                          checkpoint_every=1, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=2), log=logs.append)
+    assert any(f"resumed from step {stopped}" in s for s in logs), logs
+    assert np.isfinite(resumed.delta).all() and os.path.exists(out)
+
+
+def _cli_env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(), XLA_FLAGS="",
+                CONES_JAX_CACHE=os.path.join(os.path.expanduser("~/.cache/cones_jax"), "tests_cli"))
+
+
+KILL_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tiny, tmp_path_factory):
+    """Δ of an uninterrupted KILL_STEPS-step run (checkpointing does not change the result)."""
+    root, images = tiny
+    out = str(tmp_path_factory.mktemp("ref") / "dog.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return residual.train_residual(root, images, "dog", out, steps=KILL_STEPS, progress=False,
+                                       overrides=dict(resolution=RES, lr=LR), log=lambda s: None).delta
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_sigkill_at_a_random_point_resumes_to_the_same_delta(tiny, kill_reference, tmp_path, seed):
+    """SIGKILL at a random moment after the first checkpoint write began (so also in the middle of
+    writes and of orbax deleting old steps); `--resume` must give the uninterrupted run's Δ."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, images = tiny
+    ckpt = str(tmp_path / "ckpt")
+    argv = ["residual", "--model", root, "--images", images, "--word", "dog", "--out", str(tmp_path / "a.safetensors"),
+            "--resolution", str(RES), "--lr", str(LR), "--steps", str(KILL_STEPS), "--checkpoint-every", "1",
+            "--checkpoint-dir", ckpt, "--no-progress", "--set", "keep_checkpoints=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "cones_jax.train", *argv], env=_cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and not (os.path.isdir(ckpt) and os.listdir(ckpt)):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(np.random.default_rng(seed).uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = residual.train_residual(root, images, "dog", str(tmp_path / "b.safetensors"), steps=KILL_STEPS,
+                                          checkpoint_dir=ckpt, checkpoint_every=1, resume=True, progress=False,
+                                          overrides=dict(resolution=RES, lr=LR, keep_checkpoints=2),
+                                          log=lambda s: None)
+    np.testing.assert_allclose(resumed.delta, kill_reference, atol=1e-6, rtol=0)
 
 
 def test_artifact_roundtrip_and_width(tiny, full_run, tmp_path):

@@ -53,7 +53,8 @@ def test_history_and_checkpoints_equal_stepping_by_hand(tmp_path):
     want, params_after = [], {}
     for k in range(steps):
         by_hand, metrics = step(by_hand, step.put_batch(batches(k)))
-        want.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+        # "params_finite" is checked by the loop, not kept in the history.
+        want.append({k: float(v) for k, v in jax.device_get(metrics).items() if k != "params_finite"})
         params_after[k + 1] = np.asarray(by_hand["params"]["w"])
     assert history == want  # every step, the last one included, in order, as Python floats
     assert all(type(v) is float for m in history for v in m.values())
@@ -95,6 +96,29 @@ def test_a_non_finite_state_is_not_checkpointed(tmp_path):
                           log=lambda s: None)
     ckpt.close()
     assert sorted(ckpt.manager.all_steps()) == [1, 2]  # the states after steps 0 and 1; not step 2's
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_after_the_step_and_saves_it(tmp_path, sig, code):
+    import os
+    import signal
+
+    step, state = _step_and_state()
+    ckpt = training.Checkpointer(str(tmp_path / "ckpt"), every=10, keep=10, metadata={"kind": "test"})
+    inner = _batches()
+
+    def batches(k):  # the signal arrives while step 2's batch is being made
+        if k == 2:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return inner(k)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(training.TrainingStopped, match=r"after step 3 of 5; step 3 is saved in") as info:
+        training.run_loop(step, state, batches, total_steps=5, checkpointer=ckpt, progress=False,
+                          log=lambda s: None)
+    ckpt.close()
+    assert info.value.exit_code == code and sorted(ckpt.manager.all_steps()) == [3]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_step_flops_are_per_device_on_a_sharded_mesh():

@@ -397,6 +397,9 @@ def export(out: str, *, unet_params: Any, text_params: Any, vae_params: Any, sca
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
     _write_json(os.path.join(out, TRAINING_RECORD), {"unet_steps": int(unet_steps), "recipe": recipe()})
+    # The training configs made for this model, which train.py applies when the user names none.
+    _write_json(os.path.join(out, training.MODEL_TRAINING_FILE),
+                {"residual": "cones2_train_demo", "neurons": "cones1_train_demo"})
 
 
 # --------------------------------------------------------------------------------------------
