@@ -95,6 +95,28 @@ def cfg_halves(x_2Bx: Array) -> tuple[Array, Array]:
     return x_Bx2x[:, 0], x_Bx2x[:, 1]
 
 
+def guided_denoise(unet: Any, spec: SamplerSpec, bias_fn: StepBiasFn | None, params: Any,
+                   schedule: schedulers.Schedule, context_2BxLxE: Array, x: Array, i: Array | int,
+                   inputs: SampleInputs) -> tuple[Array, Any]:
+    """CFG-combined model output at step i, and the sown attention maps (or None).
+
+    On guided steps the cross-attention bias is on (the unconditional rows get none); past
+    them it is zero, through the same traced UNet.
+    """
+    x_in = schedulers.scale_model_input(schedule, x, i)
+    x_2B = cfg_batch(x_in, x_in)
+    t = jnp.broadcast_to(schedule.timesteps[i], (x_2B.shape[0],))
+    hook = None
+    if bias_fn is not None and inputs.guidance is not None:
+        hook = lambda s, hw: jnp.where(i < inputs.guided_steps, bias_fn(s, hw, i, inputs.guidance), 0.0)
+    out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
+                     sow_attention=spec.sow_attention,
+                     mutable=["intermediates"] if spec.sow_attention else False)
+    out, inter = out if spec.sow_attention else (out, None)
+    uncond, cond = cfg_halves(out.astype(jnp.float32))
+    return uncond + inputs.cfg_scale * (cond - uncond), inter
+
+
 def make_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None = None, *, debug: bool = False,
                  on_step: Callable[[int], None] | None = None,
                  ) -> Callable[[Any, schedulers.Schedule, SampleInputs], Any]:
@@ -110,24 +132,8 @@ def make_sampler(sd: SamplerModel, spec: SamplerSpec, bias_fn: StepBiasFn | None
     unet, vae, text = sd.unet, sd.vae, sd.text_encoder
 
     def denoise(params: Any, schedule: schedulers.Schedule, context_2BxLxE: Array, x: Array, i: Array | int,
-                inputs: SampleInputs):
-        """CFG-combined model output at step i, and the sown attention maps (or None).
-
-        On guided steps the cross-attention bias is on (the unconditional rows get none); past
-        them it is zero, through the same traced UNet.
-        """
-        x_in = schedulers.scale_model_input(schedule, x, i)
-        x_2B = cfg_batch(x_in, x_in)
-        t = jnp.broadcast_to(schedule.timesteps[i], (x_2B.shape[0],))
-        hook = None
-        if bias_fn is not None and inputs.guidance is not None:
-            hook = lambda s, hw: jnp.where(i < inputs.guided_steps, bias_fn(s, hw, i, inputs.guidance), 0.0)
-        out = unet.apply({"params": params["unet"]}, x_2B, t, context_2BxLxE, cross_attn_bias=hook,
-                         sow_attention=spec.sow_attention,
-                         mutable=["intermediates"] if spec.sow_attention else False)
-        out, inter = out if spec.sow_attention else (out, None)
-        uncond, cond = cfg_halves(out.astype(jnp.float32))
-        return uncond + inputs.cfg_scale * (cond - uncond), inter
+                inputs: SampleInputs) -> tuple[Array, Any]:
+        return guided_denoise(unet, spec, bias_fn, params, schedule, context_2BxLxE, x, i, inputs)
 
     def sample(params: Any, schedule: schedulers.Schedule, inputs: SampleInputs):
         cond = encode_text(text, params["text_encoder"], inputs.prompt_ids) + inputs.token_residuals
