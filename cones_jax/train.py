@@ -59,6 +59,16 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, type-checked (repeatable)")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every concept-neuron command shares: precision, outputs, output noise, --set."""
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, type-checked (repeatable)")
+
+
 def _neurons_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("neurons", help="Cones: find the concept neurons of a subject (a sparse index set)",
                        description="Cones concept neurons (Sec. 3, Algorithm A2).")
@@ -81,12 +91,7 @@ def _neurons_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, type-checked (repeatable)")
+    _run_flags(p)
 
 
 def _joint_parser(sub: argparse._SubParsersAction) -> None:
@@ -107,12 +112,7 @@ def _joint_parser(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--tau", type=float, help="keep the union's neurons with joint M_p > τ (default: joint_tau)")
     sel.add_argument("--keep", type=float, help="or keep this fraction of the union, by joint score")
     p.add_argument("--batch", type=int)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, type-checked (repeatable)")
+    _run_flags(p)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
