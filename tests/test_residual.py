@@ -430,8 +430,8 @@ def kill_reference(tiny, tmp_path_factory):
                                        overrides=dict(resolution=RES, lr=LR), log=lambda s: None).delta
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(10))
+# One seed runs by default; all ten with `-m slow` as well (about 25 s each).
+@pytest.mark.parametrize("seed", [0] + [pytest.param(s, marks=pytest.mark.slow) for s in range(1, 10)])
 def test_sigkill_at_a_random_point_resumes_to_the_same_delta(tiny, kill_reference, tmp_path, seed):
     """SIGKILL at a random moment after the first checkpoint write began (so also in the middle of
     writes and of orbax deleting old steps); `--resume` must give the uninterrupted run's Δ."""
