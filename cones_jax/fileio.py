@@ -127,7 +127,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 
 def check_output_dir(folder: str | os.PathLike, param: str = "out") -> None:
     """Refuses, before any work, an output folder that could not be written at the end: a path
-    that is (or runs through) a file is bad input (`CheckpointError`, exit 2); a folder, or the
+    that is (or runs through) a file is bad input (`ConfigError`, exit 2); a folder, or the
     nearest existing parent of one still to be made, that this user cannot write is the
     environment (`OutputError`, exit 1). `param` names the option in the message."""
     path = os.path.abspath(os.fspath(folder))
@@ -135,8 +135,9 @@ def check_output_dir(folder: str | os.PathLike, param: str = "out") -> None:
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        where = "is a file" if probe == path else f"runs through the file {probe}"
-        raise ConfigError(f"`{param}` {path} {where}, not a folder; choose another `{param}`")
+        where = ("is a file, not a folder" if probe == path else
+                 f"runs through the file {probe}, and no folder can be made below what is a file")
+        raise ConfigError(f"`{param}` {path} {where}; choose another `{param}`")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"`{param}` {path}: {probe} is not writable; fix its permissions or choose another "
                           f"`{param}`")

@@ -17,7 +17,6 @@ they are neither copied nor given optimiser slots.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import json
 import math
@@ -41,7 +40,7 @@ from jax.typing import DTypeLike
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cones_jax.errors import ConfigError, DataError, DivergedError, TrainingStopped
-from cones_jax.fileio import CheckpointError
+from cones_jax.fileio import CheckpointError, check_output_dir
 from cones_jax.schedulers import add_noise, training_target
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ MODEL_TRAINING_FILE = "cones_jax_training.json"  # in a model folder: {"residual
 
 def check_output(out: str, overwrite: bool, suffix: str, param: str = "out") -> None:
     """`out` can be written: a file name ending in `suffix`, not a folder, not an existing file unless
-    `overwrite`, below a writable folder (an unwritable one is the environment: `PermissionError`)."""
+    `overwrite`, below a writable folder (`fileio.check_output_dir`)."""
     if os.path.isdir(out):
         raise ConfigError(f"`{param}` {out} is a folder; give a file name such as "
                           f"{os.path.join(out, 'subject' + suffix)}")
@@ -70,28 +69,14 @@ def check_output(out: str, overwrite: bool, suffix: str, param: str = "out") -> 
         raise ConfigError(f"`{param}` {out!r} must end with {suffix}")
     if os.path.lexists(out) and not overwrite:
         raise ConfigError(f"{out} exists; pass `overwrite` to replace it")
-    check_writable_folder(os.path.dirname(os.path.abspath(out)), param)
-
-
-def check_writable_folder(folder: str, param: str) -> None:
-    """The nearest existing folder of `folder` (the rest is created on writing) is a writable folder."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"`{param}`: {existing} is a file, so no folder can be made below it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "folder is not writable", existing)
+    check_output_dir(os.path.dirname(os.path.abspath(out)), param)
 
 
 def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
     if resume and not checkpoint_dir:
         raise ConfigError("`resume` needs `checkpoint_dir` (where the checkpoints are)")
-    if checkpoint_dir is None:
-        return
-    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-        raise ConfigError(f"`checkpoint_dir` {checkpoint_dir} is a file, not a folder")
-    check_writable_folder(os.path.abspath(checkpoint_dir), "checkpoint_dir")
+    if checkpoint_dir is not None:
+        check_output_dir(checkpoint_dir, "checkpoint_dir")
 
 
 def check_numbers(cfg: Any, *, lr_key: str = "lr") -> None:
