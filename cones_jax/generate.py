@@ -146,17 +146,17 @@ def check_artifacts(lay: layout_lib.Layout, opts: GenerateOptions, model: str | 
     residual (format, finite values, width; the base-model fingerprint too when `sd` is loaded) and
     each concept-neuron file's format. What needs the weights is checked after loading, before
     compiling (`LayoutSampler.prepare`, `params_with_neurons`)."""
-    from cones_jax.pipeline import check_model_folder
+    from cones_jax.pipeline import check_model_folder, size_multiple
     from cones_jax.tokenizer import load_tokenizer
 
     if sd is None:
         configs = check_model_folder(model)
         dim, fingerprint = configs["text_encoder"].hidden_size, None
         tok = load_tokenizer(os.path.join(model, "tokenizer"))
-        factor = 2 ** (len(configs["vae"].block_out_channels) + len(configs["unet"].block_out_channels) - 2)
+        factor = size_multiple(configs["vae"], configs["unet"])
     else:
         dim, fingerprint, tok = sd.text_encoder.config.hidden_size, sd.text_encoder_fingerprint, sd.tokenizer
-        factor = sd.latent_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+        factor = size_multiple(sd.vae.config, sd.unet.config)
     layout_lib.subject_positions(lay, tok)
     if lay.size is not None and (lay.size[0] % factor or lay.size[1] % factor):
         raise GenerateError(f"{lay.source}: size {list(lay.size)} must be a multiple of {factor} for this model")

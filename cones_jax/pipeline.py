@@ -69,6 +69,12 @@ class StableDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+def size_multiple(vae_config: VAEConfig, unet_config: UNetConfig) -> int:
+    """Image sides must be multiples of this: the VAE's downsampling times the UNet's (each level
+    after the first halves the latents)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1 + len(unet_config.block_out_channels) - 1)
+
+
 def check_folder(folder: str) -> dict:
     """Returns model_index.json; one-line errors for what makes a folder unusable."""
     if os.path.isfile(folder):

@@ -32,6 +32,7 @@ from cones_jax import layout as layout_lib
 from cones_jax.errors import GenerateError, NonFiniteError
 from cones_jax.layout.draw import to_uint8
 from cones_jax.models.unet import cross_attention_resolutions
+from cones_jax.pipeline import size_multiple
 
 if TYPE_CHECKING:
     from cones_jax.pipeline import StableDiffusion
@@ -85,7 +86,7 @@ def prepare_layout(sd: StableDiffusion, lay: layout_lib.Layout, cfg: dict, *, he
     tok = sd.tokenizer
     ids = tok.encode([lay.prompt])[0]
     flat_positions = layout_lib.subject_positions(lay, tok, ids)  # checks length, words, official indices
-    factor = sd.latent_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    factor = size_multiple(sd.vae.config, sd.unet.config)
     if height is None or width is None:
         if lay.size is not None:
             height, width = lay.size
