@@ -190,9 +190,7 @@ def generate(layout_path: str, options: GenerateOptions | None = None, *, sd: St
         raise TypeError(f"generate: {e} (fields of GenerateOptions: "
                         f"{', '.join(f.name for f in dataclasses.fields(GenerateOptions))})") from None
     seeds = check_seeds(opts.seeds)
-    if opts.batch is not None and opts.batch < 1:
-        raise GenerateError(f"`batch` must be at least 1, got {opts.batch}")
-    check_config(layout_config(opts.preset, None, opts.overrides)[0])  # flags checked before any file is read
+    check_config(layout_config(opts.preset, None, opts.overrides)[0], opts.batch)  # flags before any file is read
     cfg, lay = layout_config(opts.preset, layout_lib.load_layout(layout_path), opts.overrides)
     check_config(cfg)
     cfg, lay, clamped = clamp_guidance(cfg, lay) if opts.guided else (cfg, lay, "")

@@ -63,10 +63,14 @@ def config_value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 FINITE_KEYS = ("cfg_scale", "guidance_weight", "weight_positive", "weight_negative")
 
 
-def check_config(cfg: Mapping[str, Any]) -> None:
-    """The numbers of a sampling config that would make meaningless images, refused up front:
-    steps below 1, negative guided steps, NaN or Inf in the CFG scale, λ, γ⁺ or γ⁻ (a `--set x=1e999`
-    is Inf). Needs no model: `generate` runs it before loading one."""
+def check_config(cfg: Mapping[str, Any], batch: int | None = None) -> None:
+    """The settings that would make meaningless images, refused up front: an unknown scheduler, a
+    batch below 1, steps below 1, negative guided steps, NaN or Inf in the CFG scale, λ, γ⁺ or γ⁻ (a
+    `--set x=1e999` is Inf). Needs no model: `generate` runs it before loading one."""
+    if cfg["scheduler"] not in schedulers.KINDS:
+        raise GenerateError(f"`scheduler` {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
+    if batch is not None and batch < 1:
+        raise GenerateError(f"`batch` must be at least 1, got {batch}")
     steps = config_value(cfg, "steps")
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise GenerateError(f"`steps` must be an integer >= 1, got {steps!r}")
@@ -269,11 +273,7 @@ class LayoutSampler:
                  attention_maps: bool = False, batch: int | None = None, negative_prompt: str | None = None,
                  allow_pickle: bool = False,
                  on_step: Callable[[int], None] | None = None) -> None:
-        if cfg["scheduler"] not in schedulers.KINDS:
-            raise GenerateError(f"`scheduler` {cfg['scheduler']!r} is not one of {', '.join(schedulers.KINDS)}")
-        if batch is not None and batch < 1:
-            raise GenerateError(f"`batch` must be at least 1, got {batch}")
-        check_config(cfg)
+        check_config(cfg, batch)
         self.sd, self.cfg, self.guided, self.batch = sd, cfg, guided, batch
         self.negative_prompt, self.allow_pickle, self.on_step = negative_prompt, allow_pickle, on_step
         self.schedule = make_schedule(sd, cfg)
