@@ -729,7 +729,7 @@ def class_folder(class_dir: str | None, unet_fingerprint: str, cfg: Mapping[str,
 
 
 def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, options: SearchOptions | None = None,
-                       *, skip_bad: bool = False, history: list | None = None,
+                       *, skip_bad: bool = False, history: list | None = None, scores: list | None = None,
                        log: Callable[[str], None] | None = None, **fields: Any) -> list[ConceptNeurons]:
     """Finds the concept neurons of many subjects (`subjects.SubjectEntry`: name, photo folder, class
     word, overrides) in one run; writes `out_dir/<name>.cones` per subject, each the file
@@ -748,7 +748,8 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     with another list of subjects is refused. `options.class_dir` holds one sub-folder per class word.
     Multi-host: the caller initialises jax.distributed; each process encodes only the photos of the
     subjects its devices train, and only process 0 writes. Returns the subjects' sets, in order (the
-    skipped ones left out).
+    skipped ones left out); `history` receives the per-step metrics (means over the subjects) and
+    `scores` each trained subject's scores M_p ({path: array}), in order.
     """
     from cones_jax import subjects
     from cones_jax.pipeline import load_pipeline
@@ -852,12 +853,14 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         os.makedirs(out_dir, exist_ok=True)
     for i, p in enumerate(plan_list):
         name = p.entry.name
-        scores = neuron_scores({k: v[i] for k, v in offsets.items()}, cfg["rho"])
+        m_p = neuron_scores({k: v[i] for k, v in offsets.items()}, cfg["rho"])
+        if scores is not None:
+            scores.append(m_p)
         try:
-            if not all(np.isfinite(v).all() for v in scores.values()):
+            if not all(np.isfinite(v).all() for v in m_p.values()):
                 raise DivergedError("its neuron scores are not finite; lower the learning rate (rho)")
-            s_tau = p.tau if p.tau is not None else tau_for_sparsity(scores, p.sparsity)
-            indices = select_neurons(scores, s_tau)
+            s_tau = p.tau if p.tau is not None else tau_for_sparsity(m_p, p.sparsity)
+            indices = select_neurons(m_p, s_tau)
         except (NeuronsError, DivergedError) as e:
             log(f"subject {name!r}: nothing written: {e}")
             failed.append(name)
