@@ -11,6 +11,10 @@ M_p = (1 − ξ)/ρ then approximate the sum over the K steps of θ·∂L/∂θ,
 the weights with M_p > τ (Theorem 3.1: shutting θ lowers the loss, to first order, iff θ·∂L/∂θ > 0).
 The subject is rendered by the model with those weights set to zero.
 
+`train_neurons_many` searches many subjects in one run: the model loads once and one jitted step
+(`cones_jax.subjects.SubjectsStep`) trains every subject's ξ side by side over a (subject, data,
+model) mesh, each subject's result the one its own `train_neurons` run gives.
+
 Only ξ is optimised: it is its own small pytree, and the UNet is a frozen argument of the jitted
 step. `restrict_updates` (an optax transformation with an elementwise mask, `search(allowed=...)`)
 confines a search to a subset of the weights: `finetune_union` (Sec. 3.3) re-runs it with the
@@ -769,6 +773,10 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
     training.check_checkpoint_dir(opts.checkpoint_dir, opts.resume)
+    model = cfg["model_parallel"]
+    if model < 1 or jax.device_count() % model:
+        raise NeuronsError(f"`model_parallel` {model} must be at least 1 and divide the device count "
+                           f"{jax.device_count()}")
     if chosen:
         log(chosen)
     todo = subjects.pending_subjects(entries, out_dir, ".cones", overwrite=opts.overwrite, log=log)
@@ -795,7 +803,8 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     fingerprint = sd.unet_fingerprint
     paths = search_paths(sd.params["unet"], cfg["search"])
     shapes = unet_shapes(sd.params["unet"])
-    mesh = subjects.make_subject_mesh(n, cfg["batch"], model=cfg["model_parallel"])
+    mesh = subjects.make_subject_mesh(n, cfg["batch"], model=model)
+    log(f"mesh: {dict(mesh.shape)} over {mesh.size} device(s)")
     per_subject = []
     for p in plan_list:
         ctx_subject, ctx_prior = prompt_contexts(sd, p.cfg, p.class_word, p.identifier)

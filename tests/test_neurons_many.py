@@ -95,7 +95,8 @@ def test_multi_subject_skip_bad_overwrite_and_resume(tiny, tmp_path):
     bad = [subjects.SubjectEntry("nophotos", empty, "dog"),
            subjects.SubjectEntry("shape", entries[0].images, "dog", {"rho": 1.0})]
     out_dir = str(tmp_path / "out")
-    opts = neurons.SearchOptions(overrides=dict(COMMON, steps=1, checkpoint_every=1), sparsity=0.01,
+    # model_parallel=2: the frozen UNet on a (subject, data, model=2) mesh
+    opts = neurons.SearchOptions(overrides=dict(COMMON, steps=1, checkpoint_every=1, model_parallel=2), sparsity=0.01,
                                  class_dir=classes, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
     lines: list[str] = []
     with pytest.raises(DataError, match="2 of 4 subject"):
@@ -109,6 +110,7 @@ def test_multi_subject_skip_bad_overwrite_and_resume(tiny, tmp_path):
     assert [cn.identifiers for cn in got] == [("sks",), ("xyz",)]
     assert sorted(os.listdir(out_dir)) == ["rex.cones", "tom.cones"]
     assert sum(line.startswith("skipping subject") for line in lines) == 2
+    assert any("'model': 2" in line for line in lines)
 
     # finished subjects are skipped: nothing left to do, nothing loads
     lines.clear()
@@ -117,6 +119,9 @@ def test_multi_subject_skip_bad_overwrite_and_resume(tiny, tmp_path):
     assert any("skipping 2 subject(s)" in line for line in lines)
     assert os.path.getmtime(os.path.join(out_dir, "rex.cones")) == mtime
 
+    with pytest.raises(neurons.NeuronsError, match="model_parallel"):
+        neurons.train_neurons_many(root, entries[:1], out_dir, opts, overwrite=True, overrides=dict(
+            opts.overrides, model_parallel=3), log=lambda s: None)
     # a resume with another list of subjects is refused, one line naming the difference
     with pytest.raises(CheckpointError, match="holds 2 subject.*trains 2 .*lacks 'max'"):
         _quiet(neurons.train_neurons_many, root, [entries[0], entries[2]], out_dir, opts, overwrite=True,
