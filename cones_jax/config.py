@@ -207,6 +207,9 @@ class NeuronsConfig(Config):
     seed: int
     checkpoint_every: int
     keep_checkpoints: int
+    # Many-subject runs (`train_neurons_many`): devices that hold one copy of the frozen UNet between
+    # them (FSDP over the `model` mesh axis); 1 replicates it on every device.
+    model_parallel: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

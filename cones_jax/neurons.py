@@ -11,6 +11,10 @@ M_p = (1 − ξ)/ρ then approximate the sum over the K steps of θ·∂L/∂θ,
 the weights with M_p > τ (Theorem 3.1: shutting θ lowers the loss, to first order, iff θ·∂L/∂θ > 0).
 The subject is rendered by the model with those weights set to zero.
 
+`train_neurons_many` searches many subjects in one run: the model loads once and one jitted step
+(`cones_jax.subjects.SubjectsStep`) trains every subject's ξ side by side over a (subject, data,
+model) mesh, each subject's result the one its own `train_neurons` run gives.
+
 Only ξ is optimised: it is its own small pytree, and the UNet is a frozen argument of the jitted
 step. `restrict_updates` (an optax transformation with an elementwise mask, `search(allowed=...)`)
 confines a search to a subset of the weights: `finetune_union` (Sec. 3.3) re-runs it with the
@@ -48,7 +52,7 @@ from cones_jax.artifacts import (  # noqa: F401
 )
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
-from cones_jax.errors import DivergedError, NeuronsError
+from cones_jax.errors import CheckpointError, DivergedError, NeuronsError
 from cones_jax.models.vae import scale_latents
 from cones_jax.schedulers import alphas_cumprod
 
@@ -349,15 +353,20 @@ class NeuronSetup:
         return {"xi_offset": initial_offsets(self.frozen["unet"], self.paths)}
 
     def host_batch(self, step: int) -> dict:
-        b, seed = self.cfg["batch"], self.cfg["seed"]
-        sub = self.subject.batch(training.batch_indices(step, b, len(self.subject), seed),
-                                 training.data_rng(step, seed))
-        pri = self.prior.batch(training.batch_indices(step, b, len(self.prior), seed + 1),
-                               training.data_rng(step, seed + 1))
-        return {"mean": sub["mean"], "std": sub["std"], "prior_mean": pri["mean"], "prior_std": pri["std"]}
+        return search_batch(self.cfg, self.subject, self.prior, step)
 
     def loss_fn(self) -> training.LossFn:
         return make_loss_fn(self.spec)
+
+
+def search_batch(cfg: Mapping[str, Any], subject: training.LatentCache, prior: training.LatentCache,
+                 step: int) -> dict:
+    """The host batch of a search's `step`: cfg["batch"] subject and as many class latents, a pure
+    function of (step, cfg["seed"])."""
+    b, seed = cfg["batch"], cfg["seed"]
+    sub = subject.batch(training.batch_indices(step, b, len(subject), seed), training.data_rng(step, seed))
+    pri = prior.batch(training.batch_indices(step, b, len(prior), seed + 1), training.data_rng(step, seed + 1))
+    return {"mean": sub["mean"], "std": sub["std"], "prior_mean": pri["mean"], "prior_std": pri["std"]}
 
 
 def class_images(sd: StableDiffusion, folder: str, class_word: str, cfg: dict, *, log: Callable[[str], None]) -> None:
@@ -395,43 +404,63 @@ def default_class_dir(unet_fingerprint: str, cfg: dict, class_word: str) -> str:
                         f"{prompt}_steps{cfg['class_steps']}_cfg{cfg['class_cfg']:g}")
 
 
+def check_prompts(tok: Any, cfg: Mapping[str, Any], class_word: str, identifier: str) -> tuple[str, str]:
+    """The instance and class prompts of a subject, checked: both words tokenise, and the identifier
+    survives the token limit. Needs only the tokenizer, so it runs before the model loads."""
+    for word, what in ((class_word, "--class"), (identifier, "--identifier")):
+        tok.word_ids(word.strip())  # raises on a word that tokenises to nothing
+        if not word.strip():
+            raise NeuronsError(f"{what} is empty")
+    instance = cfg["instance_prompt"].format(identifier=identifier.strip(), cls=class_word.strip())
+    prior_prompt = cfg["class_prompt"].format(cls=class_word.strip())
+    ids = tok.encode([instance, prior_prompt])
+    if not tok.find_word(ids[0], identifier.strip()):
+        raise NeuronsError(f"instance prompt {instance!r} loses the identifier to the token limit")
+    return instance, prior_prompt
+
+
+def prompt_contexts(sd: StableDiffusion, cfg: Mapping[str, Any], class_word: str,
+                    identifier: str) -> tuple[np.ndarray, np.ndarray]:
+    """The text encodings [L, D] of the instance prompt ("photo of a sks dog") and the class prompt."""
+    from cones_jax.residual import encode_prompts
+
+    instance, prior_prompt = check_prompts(sd.tokenizer, cfg, class_word, identifier)
+    ctx = encode_prompts(sd.text_encoder, sd.params["text_encoder"], sd.tokenizer.encode([instance, prior_prompt]))
+    return ctx[0], ctx[1]
+
+
+def encode_folder(sd: StableDiffusion, cfg: Mapping[str, Any], folder: str) -> training.LatentCache:
+    """The latent Gaussians of the images of `folder`, at the search's resolution and crop."""
+    factor = sd.latent_factor
+    res = cfg["resolution"] or sd.unet.config.sample_size * factor
+    images = training.load_images(folder, res, crop=cfg["crop"], multiple=factor)
+    return training.encode_images(sd.vae, sd.params["vae"], images, (res // factor,) * 2)
+
+
+def loss_spec(sd: StableDiffusion, cfg: Mapping[str, Any]) -> LossSpec:
+    return LossSpec(unet=sd.unet, vae_config=sd.vae.config,
+                    alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
+                    prediction_type=sd.scheduler.prediction_type, prior_weight=cfg["prior_weight"])
+
+
 def setup_neurons(model_dir: str, subj: Subject, *, cfg: dict, class_dir: str | None = None,
                   dtype: str = "fp32", log: Callable[[str], None] = print,
                   sd: StableDiffusion | None = None) -> NeuronSetup:
     """Loads the model (unless `sd`, a loaded pipeline, is given), encodes subject and class images
     once, precomputes the two prompt encodings."""
     from cones_jax.pipeline import load_pipeline
-    from cones_jax.residual import encode_prompts
 
     sd = sd if sd is not None else load_pipeline(model_dir, dtype=dtype)
-    tok = sd.tokenizer
-    for word, what in ((subj.class_word, "--class"), (subj.identifier, "--identifier")):
-        tok.word_ids(word.strip())  # raises on a word that tokenises to nothing
-        if not word.strip():
-            raise NeuronsError(f"{what} is empty")
-    instance = cfg["instance_prompt"].format(identifier=subj.identifier.strip(), cls=subj.class_word.strip())
-    prior_prompt = cfg["class_prompt"].format(cls=subj.class_word.strip())
-    ids = tok.encode([instance, prior_prompt])
-    if not tok.find_word(ids[0], subj.identifier.strip()):
-        raise NeuronsError(f"instance prompt {instance!r} loses the identifier to the token limit")
-    ctx = encode_prompts(sd.text_encoder, sd.params["text_encoder"], ids)
-
-    factor = sd.latent_factor
-    res = cfg["resolution"] or sd.unet.config.sample_size * factor
-    crop_hw = (res // factor,) * 2
-    images = training.load_images(subj.images, res, crop=cfg["crop"], multiple=factor)
-    subject = training.encode_images(sd.vae, sd.params["vae"], images, crop_hw)
+    ctx_subject, ctx_prior = prompt_contexts(sd, cfg, subj.class_word, subj.identifier)
+    subject = encode_folder(sd, cfg, subj.images)
     fingerprint = sd.unet_fingerprint
     class_dir = class_dir or default_class_dir(fingerprint, cfg, subj.class_word.strip())
     class_images(sd, class_dir, subj.class_word.strip(), cfg, log=log)
-    prior = training.encode_images(sd.vae, sd.params["vae"],
-                                   training.load_images(class_dir, res, crop=cfg["crop"], multiple=factor), crop_hw)
+    prior = encode_folder(sd, cfg, class_dir)
     paths = search_paths(sd.params["unet"], cfg["search"])
-    spec = LossSpec(unet=sd.unet, vae_config=sd.vae.config,
-                    alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
-                    prediction_type=sd.scheduler.prediction_type, prior_weight=cfg["prior_weight"])
-    frozen = {"unet": sd.params["unet"], "ctx_subject": jnp.asarray(ctx[0]), "ctx_prior": jnp.asarray(ctx[1])}
-    return NeuronSetup(cfg, spec, paths, frozen, subject, prior, fingerprint, unet_shapes(sd.params["unet"]))
+    frozen = {"unet": sd.params["unet"], "ctx_subject": jnp.asarray(ctx_subject), "ctx_prior": jnp.asarray(ctx_prior)}
+    return NeuronSetup(cfg, loss_spec(sd, cfg), paths, frozen, subject, prior, fingerprint,
+                       unet_shapes(sd.params["unet"]))
 
 
 @dataclasses.dataclass
@@ -637,6 +666,249 @@ def finetune_union(model_dir: str, neuron_paths: Sequence[str], images_dirs: Seq
     log(f"wrote {out}: {cn.count} of the union's {sum(len(v) for v in shut.values())} concept neurons kept "
         f"after {cfg['steps']} joint steps, {os.path.getsize(out) / 1024:.1f} KiB")
     return cn
+
+
+# --------------------------------------------------------------------------------------------
+# Many subjects in one run
+# --------------------------------------------------------------------------------------------
+
+MANY_CHECKPOINT_KIND = "cones1_neurons_many"
+# Per-subject overrides a many-subject run takes: what changes a subject's prompt, its randomness and
+# which neurons are kept, never a shape or the shared step (rho, steps, batch, resolution, search, ...).
+SUBJECT_OVERRIDES = ("seed", "identifier", "instance_prompt", "tau", "sparsity")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectPlan:
+    """One subject of `train_neurons_many`, its overrides applied: its config (seed, identifier,
+    prompt) and how its neurons are picked (`tau`, else `sparsity`)."""
+
+    entry: Any  # subjects.SubjectEntry
+    cfg: Any
+    tau: float | None
+    sparsity: float | None
+
+    @property
+    def identifier(self) -> str:
+        return self.cfg["identifier"].strip()
+
+    @property
+    def class_word(self) -> str:
+        return self.entry.word.strip()
+
+
+def subject_plan(cfg: Any, entry: Any, tau: float | None, sparsity: float | None) -> SubjectPlan:
+    """`entry`'s config: the run's `cfg` with the subject's overrides (only `SUBJECT_OVERRIDES`; any
+    other key is refused, one line naming the subject and the key). A subject's `tau` or `sparsity`
+    replaces the run's selection rule; giving both is refused."""
+    overrides = dict(entry.overrides)
+    bad = [k for k in overrides if k not in SUBJECT_OVERRIDES]
+    if bad:
+        raise NeuronsError(f"subject {entry.name!r}: override {bad[0]!r} cannot differ between the subjects of one "
+                           f"run (it sets a shape or the shared step); per-subject overrides: "
+                           f"{', '.join(SUBJECT_OVERRIDES)}; set {bad[0]!r} for the whole run or train the "
+                           "subject in a run of its own")
+    if overrides.get("tau") is not None and overrides.get("sparsity") is not None:
+        raise NeuronsError(f"subject {entry.name!r}: give `tau` or `sparsity`, not both")
+    try:
+        sub_cfg = cfg.override(overrides, source=f"subject {entry.name!r}:")
+    except ValueError as e:
+        raise NeuronsError(str(e)) from None
+    if overrides.get("tau") is not None:
+        tau, sparsity = sub_cfg["tau"], None
+    elif overrides.get("sparsity") is not None:
+        tau, sparsity = None, sub_cfg["sparsity"]
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"subject {entry.name!r}: `sparsity` must be in (0, 1), got {sparsity}")
+    return SubjectPlan(entry, sub_cfg, tau, sparsity)
+
+
+def class_folder(class_dir: str | None, unet_fingerprint: str, cfg: Mapping[str, Any], class_word: str) -> str:
+    """A many-subject run's class images of `class_word`: `class_dir/<class word>` when a folder is
+    given (one sub-folder per class word, filled up to num_class_images as needed), else the per-user
+    cache of `default_class_dir` that single runs share."""
+    if class_dir:
+        return os.path.join(class_dir, class_word)
+    return default_class_dir(unet_fingerprint, cfg, class_word)
+
+
+def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, options: SearchOptions | None = None,
+                       *, skip_bad: bool = False, history: list | None = None, scores: list | None = None,
+                       log: Callable[[str], None] | None = None, **fields: Any) -> list[ConceptNeurons]:
+    """Finds the concept neurons of many subjects (`subjects.SubjectEntry`: name, photo folder, class
+    word, overrides) in one run; writes `out_dir/<name>.cones` per subject, each the file
+    `train_neurons` writes for that subject alone (same fields and metadata).
+
+    The model loads once; class images are made (or read) once per class word; one jitted step
+    (`subjects.SubjectsStep`) runs every subject's search side by side, its ξ one slice of a stack
+    sharded over the `subject` mesh axis, the frozen UNet replicated or, with config
+    `model_parallel` > 1, split over the `model` axis. A subject's `word` is its class word; its
+    identifier is the config's unless its overrides give one. Per-subject overrides are
+    `SUBJECT_OVERRIDES` (seed, identifier, instance_prompt, tau, sparsity).
+
+    Every subject is checked before the model loads (photos, words, overrides): a bad one refuses the
+    run, unless `skip_bad`, which trains the rest. Subjects whose file exists are skipped unless
+    `options.overwrite`. With `options.checkpoint_dir` the stacked state is checkpointed; a resume
+    with another list of subjects is refused. `options.class_dir` holds one sub-folder per class word.
+    Multi-host: the caller initialises jax.distributed; each process encodes only the photos of the
+    subjects its devices train, and only process 0 writes. Returns the subjects' sets, in order (the
+    skipped ones left out); `history` receives the per-step metrics (means over the subjects) and
+    `scores` each trained subject's scores M_p ({path: array}), in order.
+    """
+    from cones_jax import subjects
+    from cones_jax.pipeline import load_pipeline
+
+    opts = dataclasses.replace(options or SearchOptions(), **fields)
+    log = subjects.writer_log(log)
+    if opts.tau is not None and opts.sparsity is not None:
+        raise NeuronsError("give `tau` or `sparsity`, not both")
+    if os.path.isfile(out_dir):
+        raise NeuronsError(f"--out-dir {out_dir} is a file; give a folder (one .cones file per subject goes there)")
+    if opts.class_dir and os.path.isfile(opts.class_dir):
+        raise NeuronsError(f"`class_dir` {opts.class_dir} is a file, not a folder (of one folder per class word)")
+    cfg, chosen = default_train_config(model_dir, opts.config, opts.overrides)
+    tau, sparsity = opts.tau, opts.sparsity
+    if tau is None and sparsity is None:
+        tau, sparsity = cfg["tau"], cfg["sparsity"]
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
+    training.check_checkpoint_dir(opts.checkpoint_dir, opts.resume)
+    model = cfg["model_parallel"]
+    if model < 1 or jax.device_count() % model:
+        raise NeuronsError(f"`model_parallel` {model} must be at least 1 and divide the device count "
+                           f"{jax.device_count()}")
+    if chosen:
+        log(chosen)
+    todo = subjects.pending_subjects(entries, out_dir, ".cones", overwrite=opts.overwrite, log=log)
+    if not todo:
+        log(f"every subject's .cones file is already in {out_dir}; nothing to do")
+        return []
+
+    tok = load_pipeline(model_dir, components=("tokenizer",)).tokenizer
+    plans: dict[str, SubjectPlan] = {}
+
+    def check_one(entry: Any) -> None:
+        plan = subject_plan(cfg, entry, tau, sparsity)
+        training.check_word(entry.word, "word")
+        check_prompts(tok, plan.cfg, plan.class_word, plan.identifier)
+        training.check_images(entry.images, cfg["resolution"])
+        plans[entry.name] = plan
+
+    todo = subjects.check_subjects(todo, check_one, skip_bad=skip_bad, log=log)
+    plan_list = [plans[e.name] for e in todo]
+    n = len(plan_list)
+    log(f"searching the concept neurons of {n} subject(s) in one run")
+
+    sd = load_pipeline(model_dir, dtype=opts.dtype)
+    fingerprint = sd.unet_fingerprint
+    paths = search_paths(sd.params["unet"], cfg["search"])
+    shapes = unet_shapes(sd.params["unet"])
+    mesh = subjects.make_subject_mesh(n, cfg["batch"], model=model)
+    log(f"mesh: {dict(mesh.shape)} over {mesh.size} device(s)")
+    per_subject = []
+    for p in plan_list:
+        ctx_subject, ctx_prior = prompt_contexts(sd, p.cfg, p.class_word, p.identifier)
+        per_subject.append({"ctx_subject": np.asarray(ctx_subject), "ctx_prior": np.asarray(ctx_prior)})
+    opt = make_optimizer(cfg["rho"])
+    slots = subjects.padded_count(n, mesh)
+    where = subjects.slot_of(n, slots)
+    at = {s: i for i, s in enumerate(where)}
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[per_subject[at.get(s, 0)] for s in range(slots)])
+    step_fn = subjects.SubjectsStep(make_loss_fn(loss_spec(sd, cfg)), opt, mesh, {"unet": sd.params["unet"]},
+                                    stacked, n)
+
+    # Each process encodes only the photos of the subjects it trains; class latents once per class word.
+    local = step_fn.local_subjects
+    priors: dict[str, training.LatentCache] = {}
+    caches: dict[int, tuple[training.LatentCache, training.LatentCache]] = {}
+    for i in local:
+        p = plan_list[i]
+        if p.class_word not in priors:
+            folder = class_folder(opts.class_dir, fingerprint, cfg, p.class_word)
+            class_images(sd, folder, p.class_word, cfg, log=log)
+            priors[p.class_word] = encode_folder(sd, cfg, folder)
+        caches[i] = (encode_folder(sd, cfg, p.entry.images), priors[p.class_word])
+
+    def batches(step: int) -> Callable[[int], dict]:
+        return lambda i: search_batch(plan_list[i].cfg, *caches[i], step)
+
+    ckpt = None
+    if opts.checkpoint_dir:
+        ckpt = training.Checkpointer(
+            opts.checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
+            metadata={"kind": MANY_CHECKPOINT_KIND, "fingerprint": fingerprint,
+                      "subjects": [p.entry.name for p in plan_list],
+                      "settings": [[p.class_word, p.identifier, p.cfg["seed"]] for p in plan_list]})
+        ckpt.refuse_unless_resuming(opts.resume)
+    try:
+        state = step_fn.init_states({"xi_offset": initial_offsets(sd.params["unet"], paths)}, opt,
+                                    [p.cfg["seed"] for p in plan_list])
+        if ckpt is not None and opts.resume:
+            _check_checkpoint_subjects(ckpt, [p.entry.name for p in plan_list])
+            state = ckpt.resume_state(state, log)
+        state = step_fn.put_state(state)
+        state, hist = training.run_loop(step_fn, state, batches, total_steps=cfg["steps"], checkpointer=ckpt,
+                                        progress=opts.progress and subjects.is_writer(), log=log)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if history is not None:
+        history.extend(hist)
+    offsets = step_fn.gather(state["params"]["xi_offset"])
+
+    out: list[ConceptNeurons] = []
+    failed: list[str] = []
+    if subjects.is_writer():
+        os.makedirs(out_dir, exist_ok=True)
+    for i, p in enumerate(plan_list):
+        name = p.entry.name
+        m_p = neuron_scores({k: v[i] for k, v in offsets.items()}, cfg["rho"])
+        if scores is not None:
+            scores.append(m_p)
+        try:
+            if not all(np.isfinite(v).all() for v in m_p.values()):
+                raise DivergedError("its neuron scores are not finite; lower the learning rate (rho)")
+            s_tau = p.tau if p.tau is not None else tau_for_sparsity(m_p, p.sparsity)
+            indices = select_neurons(m_p, s_tau)
+        except (NeuronsError, DivergedError) as e:
+            log(f"subject {name!r}: nothing written: {e}")
+            failed.append(name)
+            continue
+        path = subjects.artifact_path(out_dir, p.entry, ".cones")
+        cn = ConceptNeurons(indices, {k: shapes[k] for k in paths}, (p.identifier,), (p.class_word,), fingerprint,
+                            {"tau": f"{s_tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"]},
+                            path)
+        if subjects.is_writer():
+            _check_out(path, opts.overwrite)
+            save_neurons(path, cn)
+            log(f"wrote {path}: {cn.count} concept neurons of {cn.searched} searched weights "
+                f"({100 * cn.count / cn.searched:.3f}%)")
+        out.append(cn)
+    if failed:
+        raise NeuronsError(f"{len(failed)} of {n} subject(s) got no .cones file ({', '.join(map(repr, failed))}; each "
+                           f"is named above); the other {n - len(failed)} were written")
+    return out
+
+
+def _check_checkpoint_subjects(ckpt: training.Checkpointer, names: list[str]) -> None:
+    """One line when the checkpoint holds another list of subjects than this run's (the generic
+    metadata check would print both lists whole)."""
+    step = ckpt.latest_step()
+    if step is None:
+        return
+    try:
+        meta = ckpt.manager.restore(step, args=ckpt._ocp.args.Composite(meta=ckpt._ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - a damaged step: `resume_state` sets it aside
+        return
+    have = meta.get("subjects") if isinstance(meta, dict) else None
+    if have is not None and have != names:
+        extra = [s for s in have if s not in names]
+        missing = [s for s in names if s not in have]
+        diff = (f"it lacks {missing[0]!r}" if missing else f"it also holds {extra[0]!r}" if extra
+                else "in another order")
+        raise CheckpointError(f"checkpoint {ckpt.directory} (step {step}) holds {len(have)} subject(s), this run "
+                              f"trains {len(names)} ({diff}); resume with the same subjects, or use another "
+                              "--checkpoint-dir")
 
 
 def _check_out(out: str, overwrite: bool) -> None:

@@ -32,4 +32,5 @@ def get_config() -> NeuronsConfig:
         seed=0,
         checkpoint_every=200,
         keep_checkpoints=2,
+        model_parallel=1,                      # many-subject runs: devices sharing one copy of the UNet
     )

@@ -1,0 +1,135 @@
+"""Many subjects' concept neurons in one run (`neurons.train_neurons_many`) on a tiny random SD 1.x
+folder under 8 fake CPU devices: the same neurons as one `train_neurons` run per subject, bad
+subjects, finished subjects, and a resume with other subjects."""
+
+import os
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_checkpoints import make_sd
+
+from cones_jax import neurons, subjects
+from cones_jax.errors import CheckpointError, DataError
+
+RES = 32
+COMMON = dict(resolution=RES, batch=2, rho=1e-2, steps=2)
+
+
+def _images(folder, n, seed):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sd"))
+    make_sd(root, "sd1")
+    base = tmp_path_factory.mktemp("data")
+    classes = str(base / "classes")
+    _images(os.path.join(classes, "dog"), 3, 1)
+    _images(os.path.join(classes, "cat"), 2, 2)
+    entries = [subjects.SubjectEntry("rex", _images(str(base / "rex"), 2, 10), "dog"),
+               subjects.SubjectEntry("tom", _images(str(base / "tom"), 3, 11), "cat",
+                                     {"seed": 5, "identifier": "xyz"}),
+               subjects.SubjectEntry("max", _images(str(base / "max"), 2, 12), "dog", {"sparsity": 0.02})]
+    return root, classes, entries
+
+
+def _quiet(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return args[0](*args[1:], **kw)
+
+
+def test_multi_subject_run_equals_single_runs(tiny, tmp_path, monkeypatch):
+    """3 subjects (two classes, per-subject seed, identifier and sparsity) in one run on 8 devices
+    find the neurons of 3 separate `train_neurons` runs, with the same scores."""
+    root, classes, entries = tiny
+    assert len(jax.devices()) == 8
+    found: list = []
+    search = neurons.search
+    monkeypatch.setattr(neurons, "search", lambda *a, **k: found.append(search(*a, **k)) or found[-1])
+    singles = []
+    for e in entries:
+        ov = dict(e.overrides)
+        sparsity = ov.pop("sparsity", 0.01)
+        singles.append(_quiet(neurons.train_neurons, root, e.images, e.word, str(tmp_path / "one" / f"{e.name}.cones"),
+                              neurons.SearchOptions(overrides={**COMMON, **ov}, sparsity=sparsity, progress=False,
+                                                    class_dir=os.path.join(classes, e.word)), log=lambda s: None))
+    single_scores = [f[0] for f in found]
+
+    lines: list[str] = []
+    scores: list = []
+    out_dir = str(tmp_path / "many")
+    many = _quiet(neurons.train_neurons_many, root, entries, out_dir,
+                  neurons.SearchOptions(overrides=COMMON, sparsity=0.01, class_dir=classes, progress=False),
+                  scores=scores, log=lines.append)
+    assert [cn.path for cn in many] == [os.path.join(out_dir, f"{e.name}.cones") for e in entries]
+    for e, one, got, s_one, s_many in zip(entries, singles, many, single_scores, scores):
+        back = neurons.load_neurons(os.path.join(out_dir, f"{e.name}.cones"))
+        one_back = neurons.load_neurons(one.path)
+        assert (back.identifiers, back.classes, back.unet, back.meta, back.shapes) == (
+            one_back.identifiers, one_back.classes, one_back.unet, one_back.meta, one_back.shapes), e.name
+        scale = max(np.abs(v).max() for v in s_one.values())
+        for k in s_one:
+            np.testing.assert_allclose(s_many[k], s_one[k], atol=1e-4 * scale, rtol=0, err_msg=f"{e.name} {k}")
+            np.testing.assert_array_equal(back.indices[k], one.indices[k], err_msg=f"{e.name} {k}")
+            np.testing.assert_array_equal(got.indices[k], one.indices[k])
+    assert singles[1].identifiers == ("xyz",)
+    assert singles[2].count > singles[0].count  # max's own sparsity
+    assert any("3 subject(s) in one run" in line for line in lines)
+
+
+def test_multi_subject_skip_bad_overwrite_and_resume(tiny, tmp_path):
+    """A bad subject refuses the run unless skip_bad; finished subjects are skipped unless overwrite;
+    a resume with other subjects is refused in one line."""
+    root, classes, entries = tiny
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    bad = [subjects.SubjectEntry("nophotos", empty, "dog"),
+           subjects.SubjectEntry("shape", entries[0].images, "dog", {"rho": 1.0})]
+    out_dir = str(tmp_path / "out")
+    # model_parallel=2: the frozen UNet on a (subject, data, model=2) mesh
+    opts = neurons.SearchOptions(overrides=dict(COMMON, steps=1, checkpoint_every=1, model_parallel=2), sparsity=0.01,
+                                 class_dir=classes, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    lines: list[str] = []
+    with pytest.raises(DataError, match="2 of 4 subject"):
+        neurons.train_neurons_many(root, bad + entries[:2], out_dir, opts, log=lines.append)
+    assert any("'nophotos'" in line and "no images" in line for line in lines)
+    assert any("'shape'" in line and "'rho'" in line for line in lines)
+    assert not os.path.exists(out_dir) and not os.path.exists(tmp_path / "ckpt")
+
+    lines.clear()
+    got = _quiet(neurons.train_neurons_many, root, bad + entries[:2], out_dir, opts, skip_bad=True, log=lines.append)
+    assert [cn.identifiers for cn in got] == [("sks",), ("xyz",)]
+    assert sorted(os.listdir(out_dir)) == ["rex.cones", "tom.cones"]
+    assert sum(line.startswith("skipping subject") for line in lines) == 2
+    assert any("'model': 2" in line for line in lines)
+
+    # finished subjects are skipped: nothing left to do, nothing loads
+    lines.clear()
+    mtime = os.path.getmtime(os.path.join(out_dir, "rex.cones"))
+    assert neurons.train_neurons_many(root, entries[:2], out_dir, opts, log=lines.append) == []
+    assert any("skipping 2 subject(s)" in line for line in lines)
+    assert os.path.getmtime(os.path.join(out_dir, "rex.cones")) == mtime
+
+    with pytest.raises(neurons.NeuronsError, match="model_parallel"):
+        neurons.train_neurons_many(root, entries[:1], out_dir, opts, overwrite=True, overrides=dict(
+            opts.overrides, model_parallel=3), log=lambda s: None)
+    # a resume with another list of subjects is refused, one line naming the difference
+    with pytest.raises(CheckpointError, match="holds 2 subject.*trains 2 .*lacks 'max'"):
+        _quiet(neurons.train_neurons_many, root, [entries[0], entries[2]], out_dir, opts, overwrite=True,
+               resume=True, log=lambda s: None)
+    # the same subjects resume (the run is finished: the files are rewritten from the checkpoint)
+    again = _quiet(neurons.train_neurons_many, root, entries[:2], out_dir, opts, overwrite=True, resume=True,
+                   log=lambda s: None)
+    assert [cn.indices.keys() for cn in again] == [cn.indices.keys() for cn in got]
+    for a, b in zip(again, got):
+        for k in a.indices:
+            np.testing.assert_array_equal(a.indices[k], b.indices[k])
