@@ -109,7 +109,7 @@ def with_warning_lines(job: Callable[[], None]) -> Callable[[], None]:
 
 
 def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.ArgumentParser | None = None,
-            flags: Mapping[str, str] | None = None) -> int:
+            flags: Mapping[str, str] | None = None, cache: bool = True) -> int:
     """Runs `job` and turns its failure into one line on stderr and an exit code.
 
     `ConesError` (bad input, configuration, or numbers; `cones_jax.errors`): `error: <message>`,
@@ -118,9 +118,11 @@ def run_cli(job: Callable[[], None], *, debug: bool = False, parser: argparse.Ar
     names, so nothing half-written is left. Ctrl-C: exit 130. Anything else is a bug: its
     traceback, a line saying so, exit 1. `debug` prints the traceback for every failure.
     Parameter names in a message become the flags of `parser` (and `flags`: parameter -> flag).
+    `cache=False` leaves JAX's persistent compilation cache off (a command that writes only to its
+    own output folder).
     """
     names = flag_names(parser, flags)
-    prepare_runtime()
+    prepare_runtime() if cache else default_xla_flags()
     try:
         with_warning_lines(job)()
     except ConesError as e:

@@ -136,7 +136,8 @@ LAYERS = {
     "cones_jax.artifacts": ("cones_jax.fileio", "cones_jax.errors"),
     "cones_jax.sampling": ("cones_jax.models", "cones_jax.schedulers", "cones_jax.errors"),
 }
-DRIVERS = ("cones_jax.generate", "cones_jax.sample", "cones_jax.train", "cones_jax.cli", "cones_jax.demo")
+DRIVERS = ("cones_jax.generate", "cones_jax.sample", "cones_jax.train", "cones_jax.cli", "cones_jax.demo",
+           "cones_jax.app")
 
 
 def _under(name: str, prefix: str) -> bool:

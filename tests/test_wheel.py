@@ -85,3 +85,9 @@ def test_wheel_installs_and_runs_the_main_command_from_anywhere(tmp_path):
     assert "--word" in helped.stdout and "--set" in helped.stdout
     helped = _run([os.path.join(bin_dir, "python"), "-m", "cones_jax.sample", "--help"], **run)
     assert "demo:NAME" in helped.stdout
+    helped = _run([os.path.join(bin_dir, "cones-jax"), "app", "--help"], **run)
+    assert "--share" in helped.stdout
+    # the app's canvas script is package data (the page needs it; gradio itself is the [app] extra)
+    js = _run([os.path.join(bin_dir, "python"), "-c", "from cones_jax.app.ui import canvas_script; "
+               "print(len(canvas_script()))"], **run)
+    assert int(js.stdout) > 1000

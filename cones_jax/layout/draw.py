@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cones_jax.layout.images import resize_nearest
 from cones_jax.layout.schema import Layout
 
-_PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40))
 
 
@@ -35,7 +35,7 @@ def draw_layout(image: Image.Image, layout: Layout, masks: np.ndarray, alpha: fl
     labels = []
     for s, mask in enumerate(masks):
         mask = resize_nearest(mask, height, width)
-        color = np.asarray(_PALETTE[s % len(_PALETTE)], np.float32)
+        color = np.asarray(PALETTE[s % len(PALETTE)], np.float32)
         out[mask] = (1 - alpha) * out[mask] + alpha * color
         inner = mask.copy()
         for _ in range(thick):
@@ -60,7 +60,7 @@ def draw_layout(image: Image.Image, layout: Layout, masks: np.ndarray, alpha: fl
         x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
         tw, th = x1 - x0 + 2 * thick + 2, y1 - y0 + 2 * thick + 2
         x, y = min(x, max(width - tw, 0)), min(y, max(height - th, 0))
-        draw.rectangle((x, y, x + tw, y + th), fill=_PALETTE[s % len(_PALETTE)])
+        draw.rectangle((x, y, x + tw, y + th), fill=PALETTE[s % len(PALETTE)])
         draw.text((x + thick + 1 - x0, y + thick + 1 - y0), text, fill=(255, 255, 255), font=font)
     return result
 
