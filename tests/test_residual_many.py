@@ -116,7 +116,11 @@ def test_multi_subject_skips_finished_and_bad_subjects(tiny, singles, many, tmp_
     assert os.stat(done).st_mtime_ns == before  # a finished subject is not retrained
     _close(artifacts.load_residual(str(out / "cat.safetensors")).delta, singles["cat"])
     capsys.readouterr()
-    assert _cli(root, path, out, "--skip-bad-subjects") == 0  # all done: nothing to train
+    assert _cli(root, path, out, "--skip-bad-subjects") == 2  # the good ones are done, the rest bad
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: no subject of 2 is usable; fix the " \
+        "subjects named above"
+    done_only = _subjects_file(tmp_path / "d.json", folders[:2], WORDS[:2], SEEDS[:2])
+    assert _cli(root, done_only, out) == 0
     assert "nothing to train" in capsys.readouterr().err
 
 
