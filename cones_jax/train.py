@@ -15,6 +15,18 @@ docs/resume.md) and one stderr line names them. `--set key=value` overrides any 
 of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
 a `--set` of the same key.
 
+Many subjects in one run (`residual --subjects FILE|FOLDER --out-dir DIR`): the model loads once and
+one jitted step trains every subject side by side over a (subject, data, model) mesh of all devices
+of all processes (`--distributed`); each subject's Δ is what its own run would give, written as
+DIR/<name>.safetensors. FILE is JSON, `{"subjects": [{"images": DIR, "word": W, "name": N,
+"overrides": {"seed": 3}}]}`; a FOLDER holds one folder per subject named `word` or `word-anything`.
+A subject's overrides (any config key) win over the run's flags; subjects whose configs differ in
+more than `seed` train in groups, one after another (with --checkpoint-dir, each group in its own
+DIR/group-<hash> when the file makes several). Subjects whose file exists are skipped (--overwrite
+retrains them); every other subject is checked before the model loads, and a bad one refuses the
+run (one line each) unless --skip-bad-subjects. `--set model_parallel=M` shards the frozen UNet
+over M devices instead of copying it to each.
+
 Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 1 the environment or a
 diverged loss; 130 / 143 stopped by Ctrl-C / SIGTERM (the line says where to resume; docs/resume.md).
 """
