@@ -176,3 +176,17 @@ def test_multi_subject_cli_refuses_mixed_flags(tiny, tmp_path, capsys):
     assert "--subjects" in capsys.readouterr().err
     assert train_cli.main(["residual", "--model", root, "--images", folders[0], "--word", "dog"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_multi_subject_model_parallel_and_distributed_flags(tiny, singles, tmp_path, capsys):
+    """model_parallel 2: the frozen UNet's large weights are split over pairs of devices (FSDP-style),
+    the Δs do not change. Multi-host flags without --distributed are refused."""
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders[:2], WORDS[:2], SEEDS[:2])
+    assert _cli(root, path, tmp_path / "out", "--set", "model_parallel=2") == 0
+    assert "'model': 2" in capsys.readouterr().err
+    for name in ("dog", "cat"):
+        _close(artifacts.load_residual(str(tmp_path / "out" / f"{name}.safetensors")).delta, singles[name])
+    assert _cli(root, path, tmp_path / "other", "--num-processes", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distributed" in err[0], err
