@@ -182,6 +182,9 @@ class ResidualConfig(Config):
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # Many-subject runs (`--subjects`): devices that share one copy of the frozen UNet (FSDP-style,
+    # each holds 1/model_parallel of it); 1 replicates it on every device. Must divide the device count.
+    model_parallel: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,10 @@ Presets (cones_jax/configs/cones2_train_{official,paper}.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
+import json
 import os
 import sys
 import warnings
@@ -28,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cones_jax import artifacts, training
+from cones_jax import artifacts, subjects, training
 from cones_jax.config import load_config
-from cones_jax.errors import DivergedError, ResidualError
+from cones_jax.errors import ConesError, DivergedError, ResidualError
+from cones_jax.fileio import check_output_dir
 from cones_jax.models.clip_text import CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel
 from cones_jax.models.vae import scale_latents
@@ -216,14 +220,18 @@ class LossSpec:
     reg_batch: int = 1          # paper: sentences per step
 
 
-def draw(spec: LossSpec, rng: jax.Array, latent_shape: tuple[int, ...], num_sentences: int) -> dict:
+def draw(spec: LossSpec, rng: jax.Array, latent_shape: tuple[int, ...], num_sentences: int | jax.Array) -> dict:
     """The step's randomness: latent sample ε, diffusion noise, timesteps in [0, T), preservation sentences."""
     k_lat, k_noise, k_t, k_reg = jax.random.split(rng, 4)
     b = latent_shape[0]
     return {"latent_eps": jax.random.normal(k_lat, latent_shape, jnp.float32),
             "noise": jax.random.normal(k_noise, latent_shape, jnp.float32),
             "t": jax.random.randint(k_t, (b,), 0, len(spec.alphas_cumprod_T)),
-            "reg_idx": jax.random.randint(k_reg, (spec.reg_batch,), 0, max(num_sentences, 1))}
+            "reg_idx": jax.random.randint(k_reg, (spec.reg_batch,), 0, _at_least_1(num_sentences))}
+
+
+def _at_least_1(n: int | jax.Array) -> int | jax.Array:
+    return max(n, 1) if isinstance(n, int) else jnp.maximum(n, 1)
 
 
 def residual_loss(spec: LossSpec, params: dict, frozen: dict, batch: dict, draws: dict) -> tuple[jax.Array, dict]:
@@ -255,7 +263,8 @@ def make_loss_fn(spec: LossSpec) -> training.LossFn:
     """loss_fn(params, frozen, batch, rng) for `training.make_train_step`."""
 
     def loss_fn(params: Any, frozen: dict, batch: dict, rng: jax.Array):
-        n = frozen["reg_ids"].shape[0] if "reg_ids" in frozen else 1
+        # A many-subject run pads each subject's sentences to a common count; "reg_count" is its own.
+        n = frozen["reg_count"] if "reg_count" in frozen else frozen["reg_ids"].shape[0] if "reg_ids" in frozen else 1
         return residual_loss(spec, params, frozen, batch, draw(spec, rng, batch["mean"].shape, n))
 
     return loss_fn
@@ -266,9 +275,15 @@ def make_loss_fn(spec: LossSpec) -> training.LossFn:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder(text: CLIPTextTransformer) -> Callable:
+    """The jitted encoder of a text module, one per module: N subjects' targets share one compile."""
+    return jax.jit(lambda p, ids: text.apply({"params": p}, ids)["last_hidden_state"])
+
+
 def encode_prompts(text: CLIPTextTransformer, params: Any, ids_PxL: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Encoder outputs [P, L, D] in fixed-size chunks (the last one padded), so one compile serves all."""
-    fn = jax.jit(lambda p, ids: text.apply({"params": p}, ids)["last_hidden_state"])
+    fn = _encoder(text)
     out = []
     for i in range(0, len(ids_PxL), chunk):
         part = ids_PxL[i:i + chunk]
@@ -318,10 +333,54 @@ def default_train_config(model_dir: str, preset: str | None, config: str | None,
 
 
 @dataclasses.dataclass
+class ResidualModel:
+    """What every subject of a run shares, loaded once: the tokenizer, the trained text module and its
+    original params, the frozen UNet and VAE, the noise schedule."""
+
+    tokenizer: Any
+    text: CLIPTextTransformer     # computes in fp32 whatever the frozen UNet/VAE dtype (its grads feed AdamW)
+    text_params: Any              # the frozen (original) text-encoder params
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    latent_factor: int
+    alphas_cumprod_T: np.ndarray
+    prediction_type: str
+    fingerprint: str
+
+    def spec(self, cfg: Any) -> LossSpec:
+        """The loss's static constants for a config (its regulariser and weights)."""
+        if cfg["reg"] == "official":
+            kw = dict(lambda_start=cfg["lambda_start"], lambda_rest=cfg["lambda_rest"])
+        elif cfg["reg"] == "paper":
+            kw = dict(reg_lambda=cfg["reg_lambda"], reg_batch=cfg["reg_batch"])
+        else:
+            raise ResidualError(f"config reg must be 'official' or 'paper', got {cfg['reg']!r}")
+        return LossSpec(text=self.text, unet=self.unet, vae_config=self.vae.config,
+                        alphas_cumprod_T=self.alphas_cumprod_T, prediction_type=self.prediction_type,
+                        reg=cfg["reg"], **kw)
+
+
+def load_residual_model(model_dir: str, *, dtype: str = "fp32", remat: bool = False) -> ResidualModel:
+    """Loads the base model once for any number of subjects."""
+    from cones_jax.pipeline import load_pipeline
+
+    sd = load_pipeline(model_dir, dtype=dtype)
+    text = CLIPTextTransformer(sd.text_encoder.config, dtype=jnp.float32, remat=remat)
+    # With remat, the frozen UNet's layers are recomputed in the backward pass into the encoder too:
+    # its activations are most of a step's memory.
+    unet = UNet2DConditionModel(sd.unet.config, dtype=sd.unet.dtype, remat=True) if remat else sd.unet
+    return ResidualModel(sd.tokenizer, text, sd.params["text_encoder"], unet, sd.params["unet"], sd.vae,
+                         sd.params["vae"], sd.latent_factor, alphas_cumprod(sd.scheduler).astype(np.float32),
+                         sd.scheduler.prediction_type, sd.text_encoder_fingerprint)
+
+
+@dataclasses.dataclass
 class ResidualSetup:
     """Everything a residual run needs, before the step is compiled (usable from a notebook)."""
 
-    cfg: dict
+    cfg: Any
     spec: LossSpec
     tokenizer: Any
     word: str
@@ -329,49 +388,60 @@ class ResidualSetup:
     text_params: Any           # the frozen (original) text-encoder params
     fingerprint: str
     frozen: dict               # the step's frozen inputs: UNet params, prompt ids, preservation targets
-    latents: training.LatentCache
+    latents: training.LatentCache | None  # None where another process trains this subject
     delta_prompts: list[str]
+    latent_shape: tuple[int, ...] = ()    # [h, w, C] of one training latent
 
     def initial_params(self) -> dict:
         # A copy: the train state is donated to the step and must not alias the frozen encoder.
         return {"text_encoder": jax.tree.map(jnp.array, self.text_params)}
 
     def host_batch(self, step: int) -> dict:
+        if self.latents is None:  # only a batch's shape is needed (a padding slot of a many-subject run)
+            zeros = np.zeros((self.cfg["batch"], *self.latent_shape), np.float32)
+            return {"mean": zeros, "std": zeros}
         idx = training.batch_indices(step, self.cfg["batch"], len(self.latents), self.cfg["seed"])
         return self.latents.batch(idx, training.data_rng(step, self.cfg["seed"]))
 
     def loss_fn(self) -> training.LossFn:
         return make_loss_fn(self.spec)
 
+    def subject_frozen(self) -> dict:
+        """The frozen inputs that are this subject's own (everything but the shared UNet)."""
+        return {k: v for k, v in self.frozen.items() if k != "unet"}
 
-def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dtype: str = "fp32",
+
+def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: Any, dtype: str = "fp32",
                    remat: bool = False, sentences: str | None = None) -> ResidualSetup:
     """Loads the model, checks the word, encodes the images once, precomputes frozen targets."""
-    from cones_jax.pipeline import load_pipeline
+    model = load_residual_model(model_dir, dtype=dtype, remat=remat)
+    return setup_subject(model, images_dir, word, cfg=cfg, sentences=sentences)
 
-    sd = load_pipeline(model_dir, dtype=dtype)
-    tok = sd.tokenizer
+
+def setup_subject(model: ResidualModel, images_dir: str | None, word: str, *, cfg: Any,
+                  sentences: str | None = None) -> ResidualSetup:
+    """One subject's part of a run on a loaded model: its token ids, instance prompt, preservation
+    targets and Δ prompts, and (unless `images_dir` is None) its photos' cached latents."""
+    tok, text, text_params = model.tokenizer, model.text, model.text_params
     word = word.strip()
     token_ids = tuple(tok.word_ids(word))  # raises on a word that tokenises to nothing
-    # The trained encoder computes in fp32 whatever the frozen UNet/VAE dtype (its grads feed AdamW).
-    text = CLIPTextTransformer(sd.text_encoder.config, dtype=jnp.float32, remat=remat)
-    text_params = sd.params["text_encoder"]
-
-    factor = sd.latent_factor
-    images = training.load_images(images_dir, cfg["resolution"], crop=cfg["crop"], multiple=factor)
+    factor = model.latent_factor
     crop_hw = (cfg["resolution"] // factor,) * 2
-    latents = training.encode_images(sd.vae, sd.params["vae"], images, crop_hw)
+    latents = None
+    if images_dir is not None:
+        images = training.load_images(images_dir, cfg["resolution"], crop=cfg["crop"], multiple=factor)
+        latents = training.encode_images(model.vae, model.vae_params, images, crop_hw)
 
     instance = cfg["instance_prompt"].format(word)
     instance_ids = tok.encode([instance])
     if not tok.find_word(instance_ids[0], word):
         raise ResidualError(f"instance prompt {instance!r} does not contain {word!r} within the token limit")
-    frozen: dict = {"unet": sd.params["unet"], "instance_ids": jnp.asarray(instance_ids[0])}
+    spec = model.spec(cfg)
+    frozen: dict = {"unet": model.unet_params, "instance_ids": jnp.asarray(instance_ids[0])}
     if cfg["reg"] == "official":
         frozen["reg_target"] = jnp.asarray(encode_prompts(text, text_params, instance_ids)[0])
         frozen["reg_free"] = jnp.asarray(subject_mask(tok, instance_ids, word)[0])
-        spec_kw = dict(lambda_start=cfg["lambda_start"], lambda_rest=cfg["lambda_rest"])
-    elif cfg["reg"] == "paper":
+    else:
         sents = (read_sentences(sentences, word, tok) if sentences
                  else generate_sentences(word, cfg["num_sentences"], cfg["sentence_seed"]))
         reg_ids = tok.encode(sents)
@@ -384,9 +454,6 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
         frozen["reg_ids"] = jnp.asarray(reg_ids)
         frozen["reg_target"] = jnp.asarray(encode_prompts(text, text_params, reg_ids))
         frozen["reg_keep"] = jnp.asarray(keep.astype(np.float32))
-        spec_kw = dict(reg_lambda=cfg["reg_lambda"], reg_batch=cfg["reg_batch"])
-    else:
-        raise ResidualError(f"config reg must be 'official' or 'paper', got {cfg['reg']!r}")
     if cfg["delta_prompts"] == "templates":
         delta_prompts = [t.format(word) for t in TI_TEMPLATES]
     elif cfg["delta_prompts"] == "sentences":
@@ -394,14 +461,9 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: dict, dty
             word, cfg["num_sentences"], cfg["sentence_seed"])
     else:
         raise ResidualError(f"config delta_prompts must be 'templates' or 'sentences', got {cfg['delta_prompts']!r}")
-    # With remat, the frozen UNet's layers are recomputed in the backward pass into the encoder too:
-    # its activations are most of a step's memory.
-    unet = UNet2DConditionModel(sd.unet.config, dtype=sd.unet.dtype, remat=True) if remat else sd.unet
-    spec = LossSpec(text=text, unet=unet, vae_config=sd.vae.config,
-                    alphas_cumprod_T=alphas_cumprod(sd.scheduler).astype(np.float32),
-                    prediction_type=sd.scheduler.prediction_type, reg=cfg["reg"], **spec_kw)
-    return ResidualSetup(cfg, spec, tok, word, token_ids, text_params, sd.text_encoder_fingerprint, frozen,
-                         latents, delta_prompts)
+    latent_shape = (*crop_hw, model.vae.config.latent_channels)
+    return ResidualSetup(cfg, spec, tok, word, token_ids, text_params, model.fingerprint, frozen, latents,
+                         delta_prompts, latent_shape)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -471,6 +533,233 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
     artifacts.save_residual(out, residual, extra={"steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"]})
     log(f"wrote {out} (Δ of {delta.shape[0]} token(s) × {delta.shape[1]})")
     return residual
+
+
+# --------------------------------------------------------------------------------------------
+# Many subjects in one run
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_KIND_MANY = "cones2_residuals"
+# Config keys a subject's `overrides` may set without leaving the run's group: they change only its
+# data order, initial RNG and noise, never a shape or a compiled constant. Subjects that differ in any
+# other key train in separate groups, one after another, on the same loaded model.
+PER_SUBJECT_KEYS = ("seed",)
+_CHECKPOINT_KEYS = ("steps", "checkpoint_every", "keep_checkpoints")  # may change on resume
+
+
+@dataclasses.dataclass(frozen=True)
+class ManyOptions:
+    """How `train_residuals` runs, besides the model and subjects (the flags of `train.py residual
+    --subjects`). `overrides` apply to every subject, under each subject's own overrides."""
+
+    preset: str | None = None
+    config: str | None = None
+    overrides: dict = dataclasses.field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    dtype: str = "fp32"
+    remat: bool = False
+    overwrite: bool = False
+    skip_bad: bool = False
+    progress: bool = True
+
+
+def group_key(cfg: Any) -> str:
+    """What subjects of one group share: every config value but the per-subject ones, as JSON."""
+    return json.dumps({k: v for k, v in dict(cfg).items() if k not in PER_SUBJECT_KEYS}, sort_keys=True)
+
+
+def _checkpoint_subdir(key: str) -> str:
+    """The folder of a group's checkpoints when a subjects file makes several groups: named by the
+    group's config, so a re-run finds it again whatever groups are already done."""
+    stable = {k: v for k, v in json.loads(key).items() if k not in _CHECKPOINT_KEYS}
+    return "group-" + hashlib.sha1(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _subject_config(base: Any, entry: subjects.SubjectEntry) -> Any:
+    cfg = base.override(entry.overrides, source="overrides")
+    training.check_numbers(cfg)
+    return cfg
+
+
+def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: ManyOptions | None = None, *,
+                    log: Callable[[str], None] | None = None) -> dict[str, artifacts.Residual]:
+    """Trains a residual for every subject of `subjects_path` (`subjects.read_subjects`) in one run:
+    the model loads once, one jitted step trains all subjects of a config group side by side
+    (`subjects.SubjectsStep`), and each Δ is written to `out_dir/<name>.safetensors` exactly as
+    `train_residual` writes it. Each subject trains exactly as `train_residual` would train it alone
+    with the same config and seed.
+
+    Before the model loads: subjects whose file exists are skipped (unless `overwrite`), and every
+    other subject is checked (photos, word, overrides); a bad one refuses the run, or with `skip_bad`
+    is dropped. Multi-host (after `training.maybe_initialize_distributed`): each process reads the
+    photos of its own subjects only, and process 0 alone writes files and logs. Returns the written
+    residuals by name (on process 0; the same Δs, unwritten, elsewhere).
+    """
+    options = options or ManyOptions()
+    log = subjects.writer_log(log)
+    check_output_dir(out_dir, "out_dir")
+    entries = subjects.read_subjects(subjects_path)
+    base, chosen = default_train_config(model_dir, options.preset, options.config, options.overrides)
+    training.check_numbers(base)
+    training.check_checkpoint_dir(options.checkpoint_dir, options.resume)
+    if options.checkpoint_dir:
+        # One checkpoint folder per config group, decided from the whole file so a re-run finds it.
+        keys = set()
+        for e in entries:
+            try:
+                keys.add(group_key(_subject_config(base, e)))
+            except ConesError:
+                pass
+        several_groups = len(keys) > 1
+    pending = subjects.pending_subjects(entries, out_dir, ".safetensors", overwrite=options.overwrite, log=log)
+    if not pending:
+        log(f"every subject of {subjects_path} already has its file in {out_dir}; nothing to train")
+        return {}
+    from cones_jax.pipeline import load_pipeline
+
+    tok = load_pipeline(model_dir, components=("tokenizer",)).tokenizer
+    cfgs: dict[str, Any] = {}
+
+    def check_one(e: subjects.SubjectEntry) -> None:
+        training.check_word(e.word)
+        cfg = _subject_config(base, e)
+        ids = tok.encode([cfg["instance_prompt"].format(e.word)])
+        if not tok.find_word(ids[0], e.word):  # word_ids raises first on a word of no tokens
+            raise ResidualError(f"instance prompt {cfg['instance_prompt'].format(e.word)!r} does not contain "
+                                f"{e.word!r} within the token limit")
+        training.check_images(e.images, cfg["resolution"], announce=subjects.is_writer())
+        cfgs[e.name] = cfg
+
+    good = subjects.check_subjects(pending, check_one, skip_bad=options.skip_bad, log=log)
+    if chosen:
+        log(chosen)
+    groups: dict[str, list[subjects.SubjectEntry]] = {}
+    for e in good:
+        groups.setdefault(group_key(cfgs[e.name]), []).append(e)
+    model = load_residual_model(model_dir, dtype=options.dtype, remat=options.remat)
+    out: dict[str, artifacts.Residual] = {}
+    for n, (key, members) in enumerate(groups.items()):
+        if len(groups) > 1:
+            log(f"group {n + 1} of {len(groups)}: {len(members)} subject(s) sharing one config")
+        ckpt = options.checkpoint_dir
+        if ckpt and several_groups:
+            ckpt = os.path.join(ckpt, _checkpoint_subdir(key))
+        out.update(_train_group(model, members, [cfgs[e.name] for e in members], out_dir, ckpt, options, log))
+    return out
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """`x` with its first axis filled up to `n` by repeating its last row (finite, and masked out)."""
+    return np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)]) if len(x) < n else x
+
+
+def _stack_frozen(setups: Sequence[ResidualSetup]) -> list[dict]:
+    """Each subject's own frozen inputs as host arrays of one common shape: the paper preset's
+    sentence sets are padded to the longest (and `reg_count` says how many are real)."""
+    trees = [jax.tree.map(np.asarray, s.subject_frozen()) for s in setups]
+    if "reg_ids" in trees[0]:
+        most = max(len(t["reg_ids"]) for t in trees)
+        for t in trees:
+            t["reg_count"] = np.int32(len(t["reg_ids"]))
+            for k in ("reg_ids", "reg_target", "reg_keep"):
+                t[k] = _pad_rows(t[k], most)
+    return trees
+
+
+DELTA_CHUNK = 32  # prompts encoded at a time in the Δ computation (as `encode_prompts` does)
+
+
+def _delta_inputs(setups: Sequence[ResidualSetup]) -> tuple[list[dict], list[int]]:
+    """Per subject, its Δ prompts' ids [P, L], the word's positions [P, N] and a weight per prompt
+    (0 for padding), padded to common P (a multiple of DELTA_CHUNK) and N; and each subject's N."""
+    ids = [s.tokenizer.encode(list(s.delta_prompts)) for s in setups]
+    rows = [subject_rows(s.tokenizer, i, s.word) for s, i in zip(setups, ids)]
+    p = -(-max(len(i) for i in ids) // DELTA_CHUNK) * DELTA_CHUNK
+    n = max(r.shape[1] for r in rows)
+    out = []
+    for i, r in zip(ids, rows):
+        r = np.concatenate([r, np.repeat(r[:, -1:], n - r.shape[1], 1)], 1)  # extra sub-words: sliced off
+        out.append({"ids": _pad_rows(i, p), "rows": _pad_rows(r, p),
+                    "weight": (np.arange(p) < len(i)).astype(np.float32)})
+    return out, [r.shape[1] for r in rows]
+
+
+@functools.lru_cache(maxsize=8)
+def _delta_fn(text: CLIPTextTransformer) -> Callable:
+    """One subject's Δ (Eq. 5) from its tuned encoder: `fn(frozen_params, tuned_params, inputs)`,
+    the prompts encoded DELTA_CHUNK at a time; for `SubjectsStep.map_subjects`."""
+
+    def fn(frozen_params: Any, tuned_params: Any, inputs: dict) -> jax.Array:
+        def encode(p: Any, ids: jax.Array) -> jax.Array:
+            return text.apply({"params": p}, ids)["last_hidden_state"]
+
+        def chunk(args: tuple) -> jax.Array:
+            ids_KxL, rows_KxN, w_K = args
+            diff_KxLxD = encode(tuned_params, ids_KxL) - encode(frozen_params, ids_KxL)
+            picked_KxNxD = jnp.take_along_axis(diff_KxLxD, rows_KxN[..., None], axis=1)
+            return jnp.sum(picked_KxNxD * w_K[:, None, None], axis=0)
+
+        split = lambda x: x.reshape(-1, DELTA_CHUNK, *x.shape[1:])
+        sums = jax.lax.map(chunk, (split(inputs["ids"]), split(inputs["rows"]), split(inputs["weight"])))
+        return jnp.sum(sums, axis=0) / jnp.sum(inputs["weight"])
+
+    return fn
+
+
+def _train_group(model: ResidualModel, entries: Sequence[subjects.SubjectEntry], cfgs: Sequence[Any], out_dir: str,
+                 checkpoint_dir: str | None, options: ManyOptions,
+                 log: Callable[[str], None]) -> dict[str, artifacts.Residual]:
+    """One config group: all its subjects in one jitted step, then their Δs, written by process 0."""
+    cfg = cfgs[0]
+    num = len(entries)
+    mesh = subjects.make_subject_mesh(num, cfg["batch"], model=cfg["model_parallel"])
+    local = set(subjects.local_subjects(mesh, num))
+    setups = [setup_subject(model, e.images if i in local else None, e.word, cfg=c)
+              for i, (e, c) in enumerate(zip(entries, cfgs))]
+    optimizer = training.make_optimizer(cfg)
+    step = subjects.SubjectsStep(make_loss_fn(model.spec(cfg)), optimizer, mesh, {"unet": model.unet_params},
+                                 subjects.stack_subjects(_stack_frozen(setups), mesh), num)
+    log(f"training {num} subject(s) on a {dict(mesh.shape)} mesh of {mesh.size} device(s)")
+    state = step.init_states({"text_encoder": model.text_params}, optimizer, [c["seed"] for c in cfgs])
+    checkpointer = None
+    if checkpoint_dir:
+        checkpointer = training.Checkpointer(
+            checkpoint_dir, every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"],
+            metadata={"kind": CHECKPOINT_KIND_MANY, "fingerprint": model.fingerprint, "preset": cfg["preset"],
+                      "subjects": [e.name for e in entries], "words": [e.word for e in entries],
+                      "seeds": [int(c["seed"]) for c in cfgs]})
+        checkpointer.refuse_unless_resuming(options.resume)
+        if options.resume:
+            state = checkpointer.resume_state(state, log)
+    state = step.put_state(state)
+    try:
+        state, _ = training.run_loop(step, state, lambda k: (lambda i: setups[i].host_batch(k)),
+                                     total_steps=cfg["steps"], checkpointer=checkpointer,
+                                     progress=options.progress and subjects.is_writer(), log=log)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+    inputs, widths = _delta_inputs(setups)
+    deltas = step.map_subjects(_delta_fn(model.text), state["params"]["text_encoder"],
+                               step.put_subjects(subjects.stack_subjects(inputs, mesh)), shared=model.text_params)
+    bad = [e.name for e, d in zip(entries, deltas) if not np.isfinite(d).all()]
+    if bad:
+        hint = training.resume_hint(checkpointer) or "no checkpoint was saved"
+        raise DivergedError(f"Δ is not finite for {', '.join(bad)} after {cfg['steps']} steps; nothing written; "
+                            f"lower the learning rate; {hint}")
+    out = {}
+    for e, c, s, d, n in zip(entries, cfgs, setups, deltas, widths):
+        path = subjects.artifact_path(out_dir, e, ".safetensors")
+        residual = artifacts.Residual(np.asarray(d[:n], np.float32), s.word, s.token_ids, model.fingerprint,
+                                      c["preset"], path)
+        if subjects.is_writer():
+            _check_out(path, options.overwrite)  # the file may have appeared during a long run
+            artifacts.save_residual(path, residual, extra={"steps": c["steps"], "batch": c["batch"], "lr": c["lr"]})
+        out[e.name] = residual
+    log(f"wrote {len(out)} residual(s) to {out_dir}")
+    return out
 
 
 def import_official(pt_path: str, word: str, out: str, *, model_dir: str, allow_pickle: bool = False,

@@ -222,6 +222,27 @@ def slot_of(num_subjects: int, slots: int) -> list[int]:
     return [(i * slots) // num_subjects for i in range(num_subjects)]
 
 
+def local_subjects(mesh: Mesh, num_subjects: int) -> list[int]:
+    """The subjects (indices into the run's list) that this process's devices train: the ones whose
+    photos it must read. Known from the mesh alone, before anything is stacked."""
+    slots = padded_count(num_subjects, mesh)
+    subject_at = {s: i for i, s in enumerate(slot_of(num_subjects, slots))}
+    idx = NamedSharding(mesh, P(SUBJECT_AXIS)).addressable_devices_indices_map((slots,))
+    local = sorted({s for sl in idx.values() for s in range(*sl[0].indices(slots))})
+    return [subject_at[s] for s in local if s in subject_at]
+
+
+def stack_subjects(per_subject_host: Sequence[Any], mesh: Mesh) -> Any:
+    """Host trees, one per subject (same structure and shapes), stacked into [slots, ...] in the
+    mesh's slot order; padding slots repeat the first subject's values (finite, and masked out).
+    What `SubjectsStep` takes as `per_subject`."""
+    n = len(per_subject_host)
+    slots = padded_count(n, mesh)
+    subject_at = {s: i for i, s in enumerate(slot_of(n, slots))}
+    order = [per_subject_host[subject_at.get(s, 0)] for s in range(slots)]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *order)
+
+
 def model_spec(shape: tuple[int, ...], model: int, leading: tuple = ()) -> P:
     """FSDP-style: the largest dimension that `model` divides is split over the model axis (small
     leaves, biases and norms, stay whole)."""
@@ -317,15 +338,14 @@ class SubjectsStep:
     @property
     def local_subjects(self) -> list[int]:
         """The subjects (indices into the run's list) whose photos this process must read."""
-        return [self.subject_at[s] for s in self.local_slots if s in self.subject_at]
+        return local_subjects(self.mesh, self.num_subjects)
 
     # -- placing data ---------------------------------------------------------------------------
 
     def stack(self, per_subject_host: Sequence[Any]) -> Any:
         """Host trees, one per subject, stacked into [slots, ...] (padding slots repeat a real
         subject's values: finite, and masked out)."""
-        order = [per_subject_host[self.subject_at.get(s, 0)] for s in range(self.slots)]
-        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *order)
+        return stack_subjects(per_subject_host, self.mesh)
 
     def put_subjects(self, stacked: Any) -> Any:
         """A host tree stacked [slots, ...] onto the mesh, each slot on the devices that train it."""
@@ -418,19 +438,28 @@ class SubjectsStep:
         full = jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: rep, tree_S))(tree_S)
         return jax.tree.map(lambda x: np.asarray(jax.device_get(x))[self.slot_of], full)
 
-    def map_subjects(self, fn: Callable, *args: Any) -> Any:
+    def map_subjects(self, fn: Callable, *args: Any, shared: Any = None) -> Any:
         """`fn` (a pure function of one subject's slice of each arg) over every slot, on the devices
-        that hold it, gathered to every process as [num_subjects, ...]; the jit is cached on `fn`."""
-        return self.gather(_vmapped(fn)(*args))
+        that hold it, gathered to every process as [num_subjects, ...]; the jit is cached on `fn`.
+        With `shared` (a tree every subject reads whole, e.g. frozen weights), `fn(shared, *slices)`;
+        it is replicated over the mesh."""
+        if shared is None:
+            return self.gather(_vmapped(fn, False)(*args))
+        shared = jax.device_put(shared, NamedSharding(self.mesh, P()))
+        return self.gather(_vmapped(fn, True)(shared, *args))
 
 
-_VMAPPED: dict[Callable, Callable] = {}
+_VMAPPED: dict[tuple[Callable, bool], Callable] = {}
 
 
-def _vmapped(fn: Callable) -> Callable:
-    if fn not in _VMAPPED:
-        _VMAPPED[fn] = jax.jit(jax.vmap(fn))
-    return _VMAPPED[fn]
+def _vmapped(fn: Callable, with_shared: bool) -> Callable:
+    key = (fn, with_shared)
+    if key not in _VMAPPED:
+        if with_shared:
+            _VMAPPED[key] = jax.jit(lambda shared, *args: jax.vmap(lambda *a: fn(shared, *a))(*args))
+        else:
+            _VMAPPED[key] = jax.jit(jax.vmap(fn))
+    return _VMAPPED[key]
 
 
 # --------------------------------------------------------------------------------------------

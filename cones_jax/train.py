@@ -3,6 +3,8 @@ the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train
 
     python train.py residual --model /models/sd21 --images photos/dog --word dog --out dog.safetensors
     python train.py residual --word dog --out dog.safetensors --import-official residual.pt --allow-pickle
+    python train.py residual --model /models/sd21 --subjects subjects.json --out-dir residuals/ \
+        [--skip-bad-subjects] [--checkpoint-dir ckpt --resume] [--distributed [--coordinator H:P ...]]
     python train.py neurons --model /models/sd15 --images photos/dog --class dog --out dog.cones
     python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
         --images photos/dog photos/cat --out dog_cat.cones
@@ -12,6 +14,18 @@ the model's own training defaults apply (the demo model's recipe, else its nativ
 docs/resume.md) and one stderr line names them. `--set key=value` overrides any key
 of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
 a `--set` of the same key.
+
+Many subjects in one run (`residual --subjects FILE|FOLDER --out-dir DIR`): the model loads once and
+one jitted step trains every subject side by side over a (subject, data, model) mesh of all devices
+of all processes (`--distributed`); each subject's Δ is what its own run would give, written as
+DIR/<name>.safetensors. FILE is JSON, `{"subjects": [{"images": DIR, "word": W, "name": N,
+"overrides": {"seed": 3}}]}`; a FOLDER holds one folder per subject named `word` or `word-anything`.
+A subject's overrides (any config key) win over the run's flags; subjects whose configs differ in
+more than `seed` train in groups, one after another (with --checkpoint-dir, each group in its own
+DIR/group-<hash> when the file makes several). Subjects whose file exists are skipped (--overwrite
+retrains them); every other subject is checked before the model loads, and a bad one refuses the
+run (one line each) unless --skip-bad-subjects. `--set model_parallel=M` shards the frozen UNet
+over M devices instead of copying it to each.
 
 Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 1 the environment or a
 diverged loss; 130 / 143 stopped by Ctrl-C / SIGTERM (the line says where to resume; docs/resume.md).
@@ -29,8 +43,14 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
                                    "or $CONES_JAX_MODEL)")
     p.add_argument("--images", help="folder of subject photos (3-5)")
-    p.add_argument("--word", required=True, help="the subject's category word, e.g. dog")
-    p.add_argument("--out", required=True, help="residual file to write (.safetensors)")
+    p.add_argument("--word", help="the subject's category word, e.g. dog")
+    p.add_argument("--out", help="residual file to write (.safetensors)")
+    p.add_argument("--subjects", help="many subjects in one run, instead of --images/--word/--out: a JSON file "
+                                      '({"subjects": [{"images": DIR, "word": W, "name": N, "overrides": {...}}]}) '
+                                      "or a folder of subject folders named `word` or `word-anything`")
+    p.add_argument("--out-dir", help="with --subjects: the folder of the residual files, one <name>.safetensors each")
+    p.add_argument("--skip-bad-subjects", action="store_true",
+                   help="with --subjects: train the good subjects when some are bad (default: refuse the run)")
     p.add_argument("--preset", choices=["official", "paper"],
                    help="default: the model's own training defaults (cones2_train_demo for the demo model; "
                         "else official at the model's native resolution)")
@@ -50,7 +70,12 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
                    help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
     p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address "
+                                                              "(default $JAX_COORDINATOR_ADDRESS; none on TPU VMs)")
+    p.add_argument("--num-processes", type=int, help="with --distributed (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="with --distributed (default $JAX_PROCESS_ID)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file; with --subjects, retrain subjects whose file exists")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     p.add_argument("--import-official", metavar="PT", help="convert an official Cones-V2 residual.pt instead")
@@ -128,11 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MANY_ONLY = {"out_dir": "--out-dir", "skip_bad_subjects": "--skip-bad-subjects"}
+_ONE_ONLY = {"images": "--images", "word": "--word", "out": "--out", "sentences": "--sentences",
+             "import_official": "--import-official"}
+
+
 def run_residual(args: argparse.Namespace) -> None:
     from cones_jax.config import parse_overrides
     from cones_jax.generate import default_model
     from cones_jax.residual import ResidualError, import_official, train_residual
+    from cones_jax.training import maybe_initialize_distributed
 
+    if args.subjects:
+        mixed = [flag for key, flag in _ONE_ONLY.items() if getattr(args, key)]
+        if mixed:
+            raise ResidualError(f"--subjects trains the subjects its file lists; drop {', '.join(mixed)} "
+                                "(give each subject's photos and word in the subjects file)")
+        if not args.out_dir:
+            raise ResidualError("--subjects needs --out-dir, the folder of the residual files")
+        maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
+        run_residuals(args, args.model or default_model(), parse_overrides(args.set))
+        return
+    mixed = [flag for key, flag in _MANY_ONLY.items() if getattr(args, key)]
+    if mixed:
+        raise ResidualError(f"{', '.join(mixed)} go(es) with --subjects; for one subject give --out FILE")
+    for key, flag in (("word", "--word"), ("out", "--out")):
+        if not getattr(args, key):
+            raise ResidualError(f"{flag} is required (or --subjects FILE --out-dir DIR for many subjects)")
+    maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
     model = args.model or default_model()
     if args.import_official:
         res = import_official(args.import_official, args.word, args.out, model_dir=model,
@@ -145,8 +193,20 @@ def run_residual(args: argparse.Namespace) -> None:
                    steps=args.steps, batch=args.batch, lr=args.lr, resolution=args.resolution, seed=args.seed,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                    dtype=args.dtype, remat=args.remat, sentences=args.sentences, overwrite=args.overwrite,
-                   distributed=args.distributed, progress=not args.no_progress,
-                   overrides=parse_overrides(args.set))
+                   progress=not args.no_progress, overrides=parse_overrides(args.set))
+
+
+def run_residuals(args: argparse.Namespace, model: str, overrides: dict) -> None:
+    """`train.py residual --subjects`: every subject of the file in one run (`train_residuals`)."""
+    from cones_jax.residual import ManyOptions, train_residuals
+
+    flags = dict(steps=args.steps, batch=args.batch, lr=args.lr, resolution=args.resolution, seed=args.seed,
+                 checkpoint_every=args.checkpoint_every)
+    options = ManyOptions(preset=args.preset, config=args.config,
+                          overrides={**overrides, **{k: v for k, v in flags.items() if v is not None}},
+                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, dtype=args.dtype, remat=args.remat,
+                          overwrite=args.overwrite, skip_bad=args.skip_bad_subjects, progress=not args.no_progress)
+    train_residuals(model, args.subjects, args.out_dir, options)
 
 
 def run_neurons(args: argparse.Namespace) -> None:

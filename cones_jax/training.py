@@ -290,14 +290,19 @@ class LatentCache:
 
 def encode_images(vae: AutoencoderKL, vae_params: Any, images: Sequence[np.ndarray],
                   crop_hw: tuple[int, int]) -> LatentCache:
-    """Encodes each image once (one compile per distinct image size)."""
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+    """Encodes each image once (one compile per distinct image size, shared by every subject of a run)."""
+    encode = _vae_encoder(vae)
     means, stds = [], []
     for img_HxWx3 in images:
         mean, std = encode(vae_params, jnp.asarray(img_HxWx3)[None])
         means.append(np.asarray(mean[0], np.float32))
         stds.append(np.asarray(std[0], np.float32))
     return LatentCache(means, stds, crop_hw)
+
+
+@functools.lru_cache(maxsize=4)
+def _vae_encoder(vae: AutoencoderKL) -> Callable:
+    return jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -327,10 +332,36 @@ def data_rng(step: int, seed: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------------
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """Multi-host runs call `jax.distributed.initialize()` before anything touches a device."""
-    if enabled:
-        jax.distributed.initialize()
+def maybe_initialize_distributed(enabled: bool, coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+    """Multi-host runs call `jax.distributed.initialize()` before anything touches a device.
+
+    Each of `coordinator` (HOST:PORT of process 0), `num_processes` and `process_id` not given is
+    read from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, else left to jax (which
+    finds all three itself on TPU VMs, Slurm and the other clusters it knows)."""
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if not enabled:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise ConfigError(f"`{named[0]}` is for multi-host runs; pass `distributed` too")
+        return
+    if jax.distributed.is_initialized():
+        return
+    env = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+           "process_id": "JAX_PROCESS_ID"}
+    kw: dict[str, Any] = {}
+    for key, var in env.items():
+        value = given[key] if given[key] is not None else os.environ.get(var) or None
+        if value is not None and key != "coordinator":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"${var} must be a whole number, got {value!r}") from None
+            if value < (1 if key == "num_processes" else 0):
+                raise ConfigError(f"`{key}` must be at least {1 if key == 'num_processes' else 0}, got {value}")
+        if value is not None:
+            kw["coordinator_address" if key == "coordinator" else key] = value
+    jax.distributed.initialize(**kw)
 
 
 def make_mesh(batch: int, devices: Sequence[Any] | None = None) -> Mesh:

@@ -1,0 +1,192 @@
+"""Many subjects in one residual run (`train.py residual --subjects`) on 8 fake CPU devices: each
+subject's Δ equals its own single-subject run's, bad and finished subjects, config groups, resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_checkpoints import make_sd
+
+from cones_jax import artifacts, residual
+from cones_jax import train as train_cli
+
+RES = 32
+LR = 1e-3
+STEPS = 3
+WORDS = ("dog", "cat", "teddy bear")  # "teddy bear" is two tokens: Δ rows of different counts
+SEEDS = (0, 5, 7)
+
+
+def _images(folder, seed, n=2):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 32 + 8 * k, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"{k}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sd"))
+    make_sd(root, "sd1")
+    photos = tmp_path_factory.mktemp("photos")
+    folders = [_images(str(photos / w.replace(" ", "_")), 10 + i, n=2 + i) for i, w in enumerate(WORDS)]
+    return root, folders
+
+
+def _subjects_file(path, folders, words=WORDS, seeds=SEEDS, extra=None):
+    items = [{"images": f, "word": w, "name": w.replace(" ", "_"), "overrides": {"seed": s}}
+             for f, w, s in zip(folders, words, seeds)]
+    for item, more in zip(items, extra or []):
+        item["overrides"].update(more)
+    with open(path, "w") as f:
+        json.dump({"subjects": items}, f)
+    return str(path)
+
+
+def _cli(root, subjects, out_dir, *more):
+    return train_cli.main(["residual", "--model", root, "--subjects", subjects, "--out-dir", str(out_dir),
+                           "--preset", "official", "--resolution", str(RES), "--lr", str(LR), "--steps", str(STEPS),
+                           "--no-progress", *more])
+
+
+@pytest.fixture(scope="module")
+def singles(tiny, tmp_path_factory):
+    """Each subject trained alone, as `train_residual` does it."""
+    root, folders = tiny
+    out = tmp_path_factory.mktemp("singles")
+    return {w.replace(" ", "_"): residual.train_residual(
+        root, f, w, str(out / f"{w.replace(' ', '_')}.safetensors"), preset="official", steps=STEPS, lr=LR,
+        resolution=RES, seed=s, progress=False).delta for f, w, s in zip(folders, WORDS, SEEDS)}
+
+
+@pytest.fixture(scope="module")
+def many(tiny, tmp_path_factory):
+    root, folders = tiny
+    tmp = tmp_path_factory.mktemp("many")
+    out = tmp / "out"
+    assert _cli(root, _subjects_file(tmp / "s.json", folders), out) == 0
+    return out
+
+
+def _close(a, b):
+    scale = float(np.abs(b).max())
+    assert scale > 0
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
+
+
+def test_multi_subject_run_equals_single_runs(singles, many):
+    assert sorted(os.listdir(many)) == ["cat.safetensors", "dog.safetensors", "teddy_bear.safetensors"]
+    for name, delta in singles.items():
+        got = artifacts.load_residual(str(many / f"{name}.safetensors"))
+        assert got.delta.shape == delta.shape
+        _close(got.delta, delta)
+    assert artifacts.load_residual(str(many / "teddy_bear.safetensors")).delta.shape[0] == 2
+
+
+def test_multi_subject_skips_finished_and_bad_subjects(tiny, singles, many, tmp_path, capsys):
+    root, folders = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    done = out / "dog.safetensors"
+    done.write_bytes((many / "dog.safetensors").read_bytes())
+    before = os.stat(done).st_mtime_ns
+    words = (*WORDS, "cat")
+    bad = str(tmp_path / "nowhere")
+    path = _subjects_file(tmp_path / "s.json", [*folders, bad], words, (*SEEDS, 1))
+    items = json.load(open(path))
+    items["subjects"][3]["name"] = "lost_cat"
+    items["subjects"][2]["overrides"]["stepz"] = 3  # a typo: a bad subject too
+    json.dump(items, open(path, "w"))
+
+    capsys.readouterr()
+    assert _cli(root, path, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("skipping 1 subject(s)" in line and "dog" in line for line in err), err
+    assert any(line.startswith("bad subject 'lost_cat'") and "does not exist" in line for line in err), err
+    assert any(line.startswith("bad subject 'teddy_bear'") and "stepz" in line for line in err), err
+    assert err[-1].startswith("error: 2 of 3 subject(s) are bad"), err
+    assert sorted(os.listdir(out)) == ["dog.safetensors"]
+
+    assert _cli(root, path, out, "--skip-bad-subjects") == 0
+    assert sorted(os.listdir(out)) == ["cat.safetensors", "dog.safetensors"]
+    assert os.stat(done).st_mtime_ns == before  # a finished subject is not retrained
+    _close(artifacts.load_residual(str(out / "cat.safetensors")).delta, singles["cat"])
+    capsys.readouterr()
+    assert _cli(root, path, out, "--skip-bad-subjects") == 2  # the good ones are done, the rest bad
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: no subject of 2 is usable; fix the " \
+        "subjects named above"
+    done_only = _subjects_file(tmp_path / "d.json", folders[:2], WORDS[:2], SEEDS[:2])
+    assert _cli(root, done_only, out) == 0
+    assert "nothing to train" in capsys.readouterr().err
+
+
+def test_multi_subject_resume_gives_the_same_residuals(tiny, many, tmp_path, capsys):
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders)
+    ckpt = str(tmp_path / "ckpt")
+    assert _cli(root, path, tmp_path / "part", "--checkpoint-dir", ckpt, "--checkpoint-every", "1",
+                "--steps", "2") == 0
+    capsys.readouterr()
+    assert _cli(root, path, tmp_path / "full", "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--resume") == 0
+    assert "resumed from step 2" in capsys.readouterr().err
+    for name in ("dog", "cat", "teddy_bear"):
+        a = artifacts.load_residual(str(tmp_path / "full" / f"{name}.safetensors"))
+        b = artifacts.load_residual(str(many / f"{name}.safetensors"))
+        np.testing.assert_array_equal(a.delta, b.delta)
+
+    # Another subject set is refused, not mixed in.
+    other = _subjects_file(tmp_path / "t.json", folders[:2], WORDS[:2], SEEDS[:2])
+    assert _cli(root, other, tmp_path / "other", "--checkpoint-dir", ckpt, "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: checkpoint") and "subjects" in err[-1], err
+
+
+def test_multi_subject_config_groups_and_metadata(tiny, singles, tmp_path, capsys):
+    """A subject whose overrides change more than the seed trains in a group of its own; every file
+    carries the single-subject run's metadata."""
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders[:2], WORDS[:2], SEEDS[:2], extra=[{}, {"steps": 2}])
+    out = tmp_path / "out"
+    assert _cli(root, path, out) == 0
+    err = capsys.readouterr().err
+    assert "group 2 of 2" in err
+    _close(artifacts.load_residual(str(out / "dog.safetensors")).delta, singles["dog"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "cat.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["steps"] == "2" and meta["word"] == "cat" and meta["preset"] == "official"
+
+
+def test_multi_subject_cli_refuses_mixed_flags(tiny, tmp_path, capsys):
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders)
+    assert train_cli.main(["residual", "--model", root, "--subjects", path, "--out-dir", str(tmp_path),
+                           "--word", "dog"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--subjects" in err[0] and "--word" in err[0], err
+    assert train_cli.main(["residual", "--model", root, "--subjects", path]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert train_cli.main(["residual", "--model", root, "--word", "dog", "--out", str(tmp_path / "a.safetensors"),
+                           "--images", folders[0], "--skip-bad-subjects"]) == 2
+    assert "--subjects" in capsys.readouterr().err
+    assert train_cli.main(["residual", "--model", root, "--images", folders[0], "--word", "dog"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_multi_subject_model_parallel_and_distributed_flags(tiny, singles, tmp_path, capsys):
+    """model_parallel 2: the frozen UNet's large weights are split over pairs of devices (FSDP-style),
+    the Δs do not change. Multi-host flags without --distributed are refused."""
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders[:2], WORDS[:2], SEEDS[:2])
+    assert _cli(root, path, tmp_path / "out", "--set", "model_parallel=2") == 0
+    assert "'model': 2" in capsys.readouterr().err
+    for name in ("dog", "cat"):
+        _close(artifacts.load_residual(str(tmp_path / "out" / f"{name}.safetensors")).delta, singles[name])
+    assert _cli(root, path, tmp_path / "other", "--num-processes", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distributed" in err[0], err
