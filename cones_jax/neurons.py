@@ -779,7 +779,8 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
                            f"{jax.device_count()}")
     if chosen:
         log(chosen)
-    todo = subjects.pending_subjects(entries, out_dir, ".cones", overwrite=opts.overwrite, log=log)
+    resuming = bool(opts.resume and opts.checkpoint_dir)
+    todo = subjects.pending_subjects(entries, out_dir, ".cones", overwrite=opts.overwrite, log=log, resuming=resuming)
     if not todo:
         log(f"every subject's .cones file is already in {out_dir}; nothing to do")
         return []
@@ -829,8 +830,15 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
             priors[p.class_word] = encode_folder(sd, cfg, folder)
         caches[i] = (encode_folder(sd, cfg, p.entry.images), priors[p.class_word])
 
+    # A process whose devices hold only padding slots (fewer subjects than processes) reads no photos:
+    # its rows are zeros of the batch's shape.
+    res = cfg["resolution"] or sd.unet.config.sample_size * sd.latent_factor
+    zeros = np.zeros((cfg["batch"], res // sd.latent_factor, res // sd.latent_factor, sd.vae.config.latent_channels),
+                     np.float32)
+    padding = {"mean": zeros, "std": zeros, "prior_mean": zeros, "prior_std": zeros}
+
     def batches(step: int) -> Callable[[int], dict]:
-        return lambda i: search_batch(plan_list[i].cfg, *caches[i], step)
+        return lambda i: search_batch(plan_list[i].cfg, *caches[i], step) if i in caches else padding
 
     ckpt = None
     if opts.checkpoint_dir:
@@ -878,7 +886,7 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         cn = ConceptNeurons(indices, {k: shapes[k] for k in paths}, (p.identifier,), (p.class_word,), fingerprint,
                             {"tau": f"{s_tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"]},
                             path)
-        if subjects.is_writer():
+        if subjects.is_writer() and not subjects.keep_existing(path, overwrite=opts.overwrite, resuming=resuming):
             _check_out(path, opts.overwrite)
             save_neurons(path, cn)
             log(f"wrote {path}: {cn.count} concept neurons of {cn.searched} searched weights "

@@ -612,7 +612,9 @@ def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: M
             except ConesError:
                 pass
         several_groups = len(keys) > 1
-    pending = subjects.pending_subjects(entries, out_dir, ".safetensors", overwrite=options.overwrite, log=log)
+    resuming = bool(options.resume and options.checkpoint_dir)
+    pending = subjects.pending_subjects(entries, out_dir, ".safetensors", overwrite=options.overwrite, log=log,
+                                        resuming=resuming)
     if not pending:
         log(f"every subject of {subjects_path} already has its file in {out_dir}; nothing to train")
         return {}
@@ -754,7 +756,8 @@ def _train_group(model: ResidualModel, entries: Sequence[subjects.SubjectEntry],
         path = subjects.artifact_path(out_dir, e, ".safetensors")
         residual = artifacts.Residual(np.asarray(d[:n], np.float32), s.word, s.token_ids, model.fingerprint,
                                       c["preset"], path)
-        if subjects.is_writer():
+        resuming = bool(options.resume and options.checkpoint_dir)
+        if subjects.is_writer() and not subjects.keep_existing(path, overwrite=options.overwrite, resuming=resuming):
             _check_out(path, options.overwrite)  # the file may have appeared during a long run
             artifacts.save_residual(path, residual, extra={"steps": c["steps"], "batch": c["batch"], "lr": c["lr"]})
         out[e.name] = residual

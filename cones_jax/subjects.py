@@ -40,6 +40,9 @@ SUBJECT_AXIS = "subject"
 DATA_AXIS = training.DATA_AXIS
 MODEL_AXIS = "model"
 MESH_AXES = (SUBJECT_AXIS, DATA_AXIS, MODEL_AXIS)
+# Leaves smaller than this stay whole on every `model` device: splitting a bias or a norm scale saves
+# nothing and costs a gather.
+MIN_SPLIT_SIZE = 2 ** 14
 
 # --------------------------------------------------------------------------------------------
 # The subjects list
@@ -133,16 +136,30 @@ def artifact_path(out_dir: str, entry: SubjectEntry, suffix: str) -> str:
 
 
 def pending_subjects(entries: Sequence[SubjectEntry], out_dir: str, suffix: str, *, overwrite: bool,
-                     log: Callable[[str], None]) -> list[SubjectEntry]:
+                     log: Callable[[str], None], resuming: bool = False) -> list[SubjectEntry]:
     """The subjects still to train: one whose artifact exists is skipped unless `overwrite`, so a
-    re-run after a crash does only what is left."""
+    re-run after a crash does only what is left.
+
+    `resuming` (a resumed, checkpointed run) keeps every subject: the checkpoint holds the stack of
+    the run's whole list, and a run that stopped while writing its files left some written. Those
+    are kept as they are (`keep_existing`), and the others written from the restored state.
+    """
     done = [e for e in entries if os.path.exists(artifact_path(out_dir, e, suffix))]
     if done and not overwrite:
+        names = f"{', '.join(e.name for e in done[:5])}{', ...' if len(done) > 5 else ''}"
+        if resuming:
+            log(f"resuming: {len(done)} subject(s) already have their {suffix} file in {out_dir}, kept as they "
+                f"are: {names}")
+            return list(entries)
         log(f"skipping {len(done)} subject(s) whose {suffix} file already exists in {out_dir} "
-            f"(pass --overwrite to retrain them): {', '.join(e.name for e in done[:5])}"
-            f"{', ...' if len(done) > 5 else ''}")
+            f"(pass --overwrite to retrain them): {names}")
         return [e for e in entries if e not in done]
     return list(entries)
+
+
+def keep_existing(path: str, *, overwrite: bool, resuming: bool) -> bool:
+    """Whether a resumed run leaves `path`, written before it stopped, as it is."""
+    return resuming and not overwrite and os.path.exists(path)
 
 
 def check_subjects(entries: Sequence[SubjectEntry], check_one: Callable[[SubjectEntry], None], *,
@@ -249,7 +266,7 @@ def model_spec(shape: tuple[int, ...], model: int, leading: tuple = ()) -> P:
     spec: list = [None] * len(shape)
     if model > 1:
         dims = [i for i in np.argsort(shape)[::-1] if shape[i] % model == 0 and shape[i] >= model]
-        if dims and int(np.prod(shape)) >= 2 ** 14:
+        if dims and int(np.prod(shape)) >= MIN_SPLIT_SIZE:
             spec[int(dims[0])] = MODEL_AXIS
     return P(*leading, *spec)
 
@@ -321,12 +338,12 @@ class SubjectsStep:
         return NamedSharding(self.mesh, P(SUBJECT_AXIS, DATA_AXIS, *([None] * (ndim - 2))))
 
     def state_sharding(self, state: dict) -> dict:
-        """Each slot's state on its subject's devices, its large leaves split over `model` as well
-        (a 340M-parameter encoder with AdamW is 5 GiB: more than the frozen UNet)."""
+        """Each slot's state on its subject's devices, whole on each of them. Not split over `model`:
+        with the trained encoder's kernels split too, its gradients came out wrong (a larger norm)
+        on jax 0.10.2's CPU backend, where the frozen UNet's split (`shared_sharding`) is exact."""
         rep = NamedSharding(self.mesh, P())
-        model = self.mesh.shape[MODEL_AXIS]
-        leaf = lambda x: NamedSharding(self.mesh, model_spec(np.shape(x)[1:], model, leading=(SUBJECT_AXIS,)))
-        return {k: (rep if k == "step" else jax.tree.map(leaf, v)) for k, v in state.items()}
+        return {k: (rep if k == "step" else jax.tree.map(lambda x: self.subject_sharding(np.ndim(x)), v))
+                for k, v in state.items()}
 
     @property
     def local_slots(self) -> list[int]:

@@ -6,6 +6,7 @@ the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train
     python train.py residual --model /models/sd21 --subjects subjects.json --out-dir residuals/ \
         [--skip-bad-subjects] [--checkpoint-dir ckpt --resume] [--distributed [--coordinator H:P ...]]
     python train.py neurons --model /models/sd15 --images photos/dog --class dog --out dog.cones
+    python train.py neurons --model /models/sd15 --subjects subjects.json --out-dir neurons/
     python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
         --images photos/dog photos/cat --out dog_cat.cones
 
@@ -15,7 +16,8 @@ docs/resume.md) and one stderr line names them. `--set key=value` overrides any 
 of the config (type-checked); `--steps`, `--lr`, ... are the same as `--set steps=...`, and win over
 a `--set` of the same key.
 
-Many subjects in one run (`residual --subjects FILE|FOLDER --out-dir DIR`): the model loads once and
+Many subjects in one run (`residual|neurons --subjects FILE|FOLDER --out-dir DIR`; for `neurons`
+a subject's word is its class word): the model loads once and
 one jitted step trains every subject side by side over a (subject, data, model) mesh of all devices
 of all processes (`--distributed`); each subject's Δ is what its own run would give, written as
 DIR/<name>.safetensors. FILE is JSON, `{"subjects": [{"images": DIR, "word": W, "name": N,
@@ -45,12 +47,7 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="folder of subject photos (3-5)")
     p.add_argument("--word", help="the subject's category word, e.g. dog")
     p.add_argument("--out", help="residual file to write (.safetensors)")
-    p.add_argument("--subjects", help="many subjects in one run, instead of --images/--word/--out: a JSON file "
-                                      '({"subjects": [{"images": DIR, "word": W, "name": N, "overrides": {...}}]}) '
-                                      "or a folder of subject folders named `word` or `word-anything`")
-    p.add_argument("--out-dir", help="with --subjects: the folder of the residual files, one <name>.safetensors each")
-    p.add_argument("--skip-bad-subjects", action="store_true",
-                   help="with --subjects: train the good subjects when some are bad (default: refuse the run)")
+    _subjects_flags(p, ".safetensors")
     p.add_argument("--preset", choices=["official", "paper"],
                    help="default: the model's own training defaults (cones2_train_demo for the demo model; "
                         "else official at the model's native resolution)")
@@ -69,11 +66,7 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remat", action="store_true",
                    help="rematerialise text-encoder and UNet layers in the backward pass (less memory)")
     p.add_argument("--sentences", help="paper preset: file of preservation sentences, one per line")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address "
-                                                              "(default $JAX_COORDINATOR_ADDRESS; none on TPU VMs)")
-    p.add_argument("--num-processes", type=int, help="with --distributed (default $JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="with --distributed (default $JAX_PROCESS_ID)")
+    _distributed_flags(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the output file; with --subjects, retrain subjects whose file exists")
     p.add_argument("--no-progress", action="store_true")
@@ -82,6 +75,49 @@ def _residual_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow unpickling --import-official (trusted files)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, type-checked (repeatable)")
+
+
+def _subjects_flags(p: argparse.ArgumentParser, suffix: str) -> None:
+    """Many subjects in one run: the flags `residual` and `neurons` share."""
+    p.add_argument("--subjects", help="many subjects in one run, instead of --images and the word and --out: a JSON "
+                                      'file ({"subjects": [{"images": DIR, "word": W, "name": N, "overrides": '
+                                      "{...}}]}) or a folder of subject folders named `word` or `word-anything`")
+    p.add_argument("--out-dir", help=f"with --subjects: the folder of the output files, one <name>{suffix} each")
+    p.add_argument("--skip-bad-subjects", action="store_true",
+                   help="with --subjects: train the good subjects when some are bad (default: refuse the run)")
+
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize(); the mesh spans every process's devices")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address "
+                                                              "(default $JAX_COORDINATOR_ADDRESS; none on TPU VMs)")
+    p.add_argument("--num-processes", type=int, help="with --distributed (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="with --distributed (default $JAX_PROCESS_ID)")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    from cones_jax.training import maybe_initialize_distributed
+
+    maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
+
+
+def _check_mode(args: argparse.Namespace, one_only: dict[str, str], required: dict[str, str], error: type) -> None:
+    """One subject (--images, the word, --out) or many (--subjects, --out-dir), never a mix."""
+    if args.subjects:
+        mixed = [flag for key, flag in one_only.items() if getattr(args, key)]
+        if mixed:
+            raise error(f"--subjects trains the subjects its file lists; drop {', '.join(mixed)} "
+                        "(give each subject's photos and word in the subjects file)")
+        if not args.out_dir:
+            raise error("--subjects needs --out-dir, the folder of the output files")
+        return
+    mixed = [flag for key, flag in _MANY_ONLY.items() if getattr(args, key)]
+    if mixed:
+        raise error(f"{', '.join(mixed)} go(es) with --subjects; for one subject give --out FILE")
+    for key, flag in required.items():
+        if not getattr(args, key):
+            raise error(f"{flag} is required (or --subjects FILE --out-dir DIR for many subjects)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -99,9 +135,10 @@ def _neurons_parser(sub: argparse._SubParsersAction) -> None:
                        description="Cones concept neurons (Sec. 3, Algorithm A2).")
     p.add_argument("--model", help="local Stable Diffusion folder in diffusers layout (default: the bundled demo "
                                    "or $CONES_JAX_MODEL)")
-    p.add_argument("--images", required=True, help="folder of subject photos")
-    p.add_argument("--class", dest="class_word", required=True, help="the subject's class word, e.g. dog")
-    p.add_argument("--out", required=True, help="concept-neuron file to write (.cones)")
+    p.add_argument("--images", help="folder of subject photos")
+    p.add_argument("--class", dest="class_word", help="the subject's class word, e.g. dog")
+    p.add_argument("--out", help="concept-neuron file to write (.cones)")
+    _subjects_flags(p, ".cones")
     p.add_argument("--identifier", help="rare token V* of the prompt 'photo of a V* dog' (default: sks)")
     p.add_argument("--config", help="a preset name of cones_jax/configs (default cones1_train; "
                                     "cones1_train_demo for the demo model) or a .py file with get_config()")
@@ -112,10 +149,12 @@ def _neurons_parser(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--sparsity", type=float, help="or shut this fraction of the searched weights")
     p.add_argument("--batch", type=int)
     p.add_argument("--class-images", help="folder of class images, filled up by the base model if short "
-                                          "(default: a per-user cache keyed by the base model, $CONES_JAX_CACHE)")
+                                          "(with --subjects: a folder of one such folder per class word; default: "
+                                          "a per-user cache keyed by the base model, $CONES_JAX_CACHE)")
     p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    _distributed_flags(p)
     _run_flags(p)
 
 
@@ -137,6 +176,7 @@ def _joint_parser(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--tau", type=float, help="keep the union's neurons with joint M_p > τ (default: joint_tau)")
     sel.add_argument("--keep", type=float, help="or keep this fraction of the union, by joint score")
     p.add_argument("--batch", type=int)
+    _distributed_flags(p)
     _run_flags(p)
 
 
@@ -162,25 +202,12 @@ def run_residual(args: argparse.Namespace) -> None:
     from cones_jax.config import parse_overrides
     from cones_jax.generate import default_model
     from cones_jax.residual import ResidualError, import_official, train_residual
-    from cones_jax.training import maybe_initialize_distributed
 
+    _check_mode(args, _ONE_ONLY, {"word": "--word", "out": "--out"}, ResidualError)
+    _initialize_distributed(args)
     if args.subjects:
-        mixed = [flag for key, flag in _ONE_ONLY.items() if getattr(args, key)]
-        if mixed:
-            raise ResidualError(f"--subjects trains the subjects its file lists; drop {', '.join(mixed)} "
-                                "(give each subject's photos and word in the subjects file)")
-        if not args.out_dir:
-            raise ResidualError("--subjects needs --out-dir, the folder of the residual files")
-        maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
         run_residuals(args, args.model or default_model(), parse_overrides(args.set))
         return
-    mixed = [flag for key, flag in _MANY_ONLY.items() if getattr(args, key)]
-    if mixed:
-        raise ResidualError(f"{', '.join(mixed)} go(es) with --subjects; for one subject give --out FILE")
-    for key, flag in (("word", "--word"), ("out", "--out")):
-        if not getattr(args, key):
-            raise ResidualError(f"{flag} is required (or --subjects FILE --out-dir DIR for many subjects)")
-    maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
     model = args.model or default_model()
     if args.import_official:
         res = import_official(args.import_official, args.word, args.out, model_dir=model,
@@ -212,15 +239,24 @@ def run_residuals(args: argparse.Namespace, model: str, overrides: dict) -> None
 def run_neurons(args: argparse.Namespace) -> None:
     from cones_jax.config import parse_overrides
     from cones_jax.generate import default_model
-    from cones_jax.neurons import SearchOptions, train_neurons
+    from cones_jax.neurons import NeuronsError, SearchOptions, train_neurons, train_neurons_many
 
+    _check_mode(args, {"images": "--images", "class_word": "--class", "out": "--out"},
+                {"images": "--images", "class_word": "--class", "out": "--out"}, NeuronsError)
+    _initialize_distributed(args)
     flags = {"steps": args.steps, "rho": args.rho, "batch": args.batch, "identifier": args.identifier,
              "checkpoint_every": args.checkpoint_every}
     overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
     options = SearchOptions(config=args.config, overrides=overrides, tau=args.tau, sparsity=args.sparsity,
                             class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                             dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
-    train_neurons(args.model or default_model(), args.images, args.class_word, args.out, options)
+    model = args.model or default_model()
+    if args.subjects:
+        from cones_jax.subjects import read_subjects
+
+        train_neurons_many(model, read_subjects(args.subjects), args.out_dir, options, skip_bad=args.skip_bad_subjects)
+        return
+    train_neurons(model, args.images, args.class_word, args.out, options)
 
 
 def run_joint(args: argparse.Namespace) -> None:
@@ -230,6 +266,7 @@ def run_joint(args: argparse.Namespace) -> None:
 
     flags = {"steps": args.steps, "rho": args.rho, "batch": args.batch}
     overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    _initialize_distributed(args)
     options = JointOptions(config=args.config, overrides=overrides, tau=args.tau, keep=args.keep,
                            class_dirs=tuple(args.class_images or ()), dtype=args.dtype, overwrite=args.overwrite,
                            progress=not args.no_progress)

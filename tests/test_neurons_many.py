@@ -133,3 +133,41 @@ def test_multi_subject_skip_bad_overwrite_and_resume(tiny, tmp_path):
     for a, b in zip(again, got):
         for k in a.indices:
             np.testing.assert_array_equal(a.indices[k], b.indices[k])
+
+    # A run that stopped while writing its files left some written: --resume (without --overwrite)
+    # restores the whole list from the checkpoint, keeps the written file and writes the missing one.
+    os.remove(os.path.join(out_dir, "tom.cones"))
+    kept = os.path.getmtime(os.path.join(out_dir, "rex.cones"))
+    lines.clear()
+    resumed = _quiet(neurons.train_neurons_many, root, entries[:2], out_dir, opts, resume=True, log=lines.append)
+    assert any("kept as they are: rex" in line for line in lines)
+    assert os.path.getmtime(os.path.join(out_dir, "rex.cones")) == kept
+    tom = neurons.load_neurons(os.path.join(out_dir, "tom.cones"))
+    for k in tom.indices:
+        np.testing.assert_array_equal(tom.indices[k], got[1].indices[k])
+    assert [cn.identifiers for cn in resumed] == [("sks",), ("xyz",)]
+
+
+def test_multi_subject_neurons_cli(tiny, tmp_path, capsys):
+    """`train.py neurons --subjects FOLDER --out-dir DIR`: a folder of `class-name` folders, one .cones
+    file each; the one-subject flags do not mix with --subjects."""
+    from cones_jax import train as train_cli
+
+    root, classes, entries = tiny
+    folder = tmp_path / "subjects"
+    folder.mkdir()
+    for e in entries[:2]:
+        os.symlink(e.images, folder / f"{e.word}-{e.name}")
+    out = tmp_path / "out"
+    args = ["neurons", "--model", root, "--subjects", str(folder), "--out-dir", str(out), "--class-images", classes,
+            "--steps", "1", "--batch", "2", "--sparsity", "0.01", "--set", f"resolution={RES}", "--no-progress"]
+    assert _quiet(train_cli.main, args) == 0
+    assert sorted(os.listdir(out)) == ["cat-tom.cones", "dog-rex.cones"]
+    assert neurons.load_neurons(str(out / "cat-tom.cones")).classes == ("cat",)
+    capsys.readouterr()
+    assert train_cli.main(args + ["--images", entries[0].images]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--subjects" in err[0] and "--images" in err[0], err
+    assert train_cli.main(["neurons", "--model", root, "--images", entries[0].images, "--class", "dog",
+                           "--out-dir", str(out)]) == 2
+    assert "--subjects" in capsys.readouterr().err

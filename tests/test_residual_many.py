@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from tiny_checkpoints import make_sd
 
-from cones_jax import artifacts, residual
+from cones_jax import artifacts, residual, subjects
 from cones_jax import train as train_cli
 
 RES = 32
@@ -138,6 +138,16 @@ def test_multi_subject_resume_gives_the_same_residuals(tiny, many, tmp_path, cap
         b = artifacts.load_residual(str(many / f"{name}.safetensors"))
         np.testing.assert_array_equal(a.delta, b.delta)
 
+    # A run that stopped while writing its files: --resume keeps the written ones and writes the rest
+    # from the checkpoint's last step (no step runs again).
+    os.remove(tmp_path / "full" / "cat.safetensors")
+    kept = os.path.getmtime(tmp_path / "full" / "dog.safetensors")
+    assert _cli(root, path, tmp_path / "full", "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--resume") == 0
+    assert "kept as they are: dog, teddy_bear" in capsys.readouterr().err
+    assert os.path.getmtime(tmp_path / "full" / "dog.safetensors") == kept
+    np.testing.assert_array_equal(artifacts.load_residual(str(tmp_path / "full" / "cat.safetensors")).delta,
+                                  artifacts.load_residual(str(many / "cat.safetensors")).delta)
+
     # Another subject set is refused, not mixed in.
     other = _subjects_file(tmp_path / "t.json", folders[:2], WORDS[:2], SEEDS[:2])
     assert _cli(root, other, tmp_path / "other", "--checkpoint-dir", ckpt, "--resume") == 2
@@ -178,9 +188,10 @@ def test_multi_subject_cli_refuses_mixed_flags(tiny, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_multi_subject_model_parallel_and_distributed_flags(tiny, singles, tmp_path, capsys):
+def test_multi_subject_model_parallel_and_distributed_flags(tiny, singles, tmp_path, capsys, monkeypatch):
     """model_parallel 2: the frozen UNet's large weights are split over pairs of devices (FSDP-style),
     the Δs do not change. Multi-host flags without --distributed are refused."""
+    monkeypatch.setattr(subjects, "MIN_SPLIT_SIZE", 512)  # more of the tiny UNet is split
     root, folders = tiny
     path = _subjects_file(tmp_path / "s.json", folders[:2], WORDS[:2], SEEDS[:2])
     assert _cli(root, path, tmp_path / "out", "--set", "model_parallel=2") == 0
