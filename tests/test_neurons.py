@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_checkpoints import make_sd
+from tiny_checkpoints import make_sd, random_photos
 
 from cones_jax import neurons, training
 from cones_jax import sample as sample_cli
@@ -21,20 +21,13 @@ from cones_jax.fileio import load_safetensors, save_safetensors
 RES = 32  # pixels; the tiny VAE halves it -> 16x16 latents
 
 
-def _images(folder, n, seed):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sd"))
     make_sd(root, "sd1")
     base = tmp_path_factory.mktemp("data")
-    return root, _images(str(base / "dog"), 2, 0), _images(str(base / "class_dog"), 3, 1)
+    return root, random_photos(str(base / "dog"), 2, 0), random_photos(str(base / "class_dog"), 3, 1)
 
 
 def _cfg(**kw):
@@ -271,7 +264,7 @@ def test_joint_finetune_stays_in_the_union(tiny, tmp_path, capsys):
     their neurons, the kept set is the top of the union by joint score, and the CLI writes one file
     holding both subjects; bad input is one line each."""
     root, images, classes = tiny
-    cat_images = _images(str(tmp_path / "cat"), 2, 5)
+    cat_images = random_photos(str(tmp_path / "cat"), 2, 5)
     common = ["--steps", "2", "--sparsity", "0.01", "--class-images", classes, "--no-progress",
               "--set", "resolution=32"]
     a, b = str(tmp_path / "dog.cones"), str(tmp_path / "cat.cones")

@@ -8,8 +8,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from PIL import Image
-from tiny_checkpoints import make_sd
+from tiny_checkpoints import make_sd, random_photos
 
 from cones_jax import neurons, subjects
 from cones_jax.errors import CheckpointError, DataError
@@ -18,13 +17,6 @@ RES = 32
 COMMON = dict(resolution=RES, batch=2, rho=1e-2, steps=2)
 
 
-def _images(folder, n, seed):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -32,12 +24,12 @@ def tiny(tmp_path_factory):
     make_sd(root, "sd1")
     base = tmp_path_factory.mktemp("data")
     classes = str(base / "classes")
-    _images(os.path.join(classes, "dog"), 3, 1)
-    _images(os.path.join(classes, "cat"), 2, 2)
-    entries = [subjects.SubjectEntry("rex", _images(str(base / "rex"), 2, 10), "dog"),
-               subjects.SubjectEntry("tom", _images(str(base / "tom"), 3, 11), "cat",
+    random_photos(os.path.join(classes, "dog"), 3, 1)
+    random_photos(os.path.join(classes, "cat"), 2, 2)
+    entries = [subjects.SubjectEntry("rex", random_photos(str(base / "rex"), 2, 10), "dog"),
+               subjects.SubjectEntry("tom", random_photos(str(base / "tom"), 3, 11), "cat",
                                      {"seed": 5, "identifier": "xyz"}),
-               subjects.SubjectEntry("max", _images(str(base / "max"), 2, 12), "dog", {"sparsity": 0.02})]
+               subjects.SubjectEntry("max", random_photos(str(base / "max"), 2, 12), "dog", {"sparsity": 0.02})]
     return root, classes, entries
 
 

@@ -156,3 +156,15 @@ def make_sd(root: str, kind: str = "sd1", *, seed: int = 0):
     pipe.save_pretrained(root, safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_photos(folder: str, n: int, seed: int, size: int = 32) -> str:
+    """`n` random RGB "photos" of `size` px in `folder` (made if missing); returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return folder
