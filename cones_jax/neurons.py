@@ -792,10 +792,12 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         plan = subject_plan(cfg, entry, tau, sparsity)
         training.check_word(entry.word, "word")
         check_prompts(tok, plan.cfg, plan.class_word, plan.identifier)
-        training.check_images(entry.images, cfg["resolution"])
         plans[entry.name] = plan
 
-    todo = subjects.check_subjects(todo, check_one, skip_bad=skip_bad, log=log)
+    def check_photos(entry: Any) -> None:
+        training.check_images(entry.images, cfg["resolution"])
+
+    todo = subjects.check_subjects(todo, check_one, skip_bad=skip_bad, log=log, check_photos=check_photos)
     plan_list = [plans[e.name] for e in todo]
     n = len(plan_list)
     log(f"searching the concept neurons of {n} subject(s) in one run")

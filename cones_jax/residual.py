@@ -630,10 +630,12 @@ def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: M
         if not tok.find_word(ids[0], e.word):  # word_ids raises first on a word of no tokens
             raise ResidualError(f"instance prompt {cfg['instance_prompt'].format(e.word)!r} does not contain "
                                 f"{e.word!r} within the token limit")
-        training.check_images(e.images, cfg["resolution"], announce=subjects.is_writer())
         cfgs[e.name] = cfg
 
-    good = subjects.check_subjects(pending, check_one, skip_bad=options.skip_bad, log=log)
+    def check_photos(e: subjects.SubjectEntry) -> None:
+        training.check_images(e.images, cfgs[e.name]["resolution"])
+
+    good = subjects.check_subjects(pending, check_one, skip_bad=options.skip_bad, log=log, check_photos=check_photos)
     if chosen:
         log(chosen)
     groups: dict[str, list[subjects.SubjectEntry]] = {}

@@ -163,28 +163,57 @@ def keep_existing(path: str, *, overwrite: bool, resuming: bool) -> bool:
 
 
 def check_subjects(entries: Sequence[SubjectEntry], check_one: Callable[[SubjectEntry], None], *,
-                   skip_bad: bool, log: Callable[[str], None]) -> list[SubjectEntry]:
-    """Runs `check_one` (which raises a `ConesError`) on every subject before any work starts.
+                   skip_bad: bool, log: Callable[[str], None],
+                   check_photos: Callable[[SubjectEntry], None] | None = None) -> list[SubjectEntry]:
+    """Runs `check_one` (which raises a `ConesError`) on every subject before any work starts, and
+    `check_photos` (the same, for what reads the photos) on each subject once across all processes.
 
     Each bad subject is one line naming it. Any bad subject refuses the whole run, unless
-    `skip_bad`, which drops them and goes on with the rest.
+    `skip_bad`, which drops them and goes on with the rest. Every process reaches the same verdict.
     """
-    good, bad = [], []
-    for e in entries:
+    why: dict[int, str] = {}
+    for i, e in enumerate(entries):
         try:
             check_one(e)
         except ConesError as err:
-            bad.append((e, str(err)))
-        else:
-            good.append(e)
-    for e, why in bad:
-        log(f"{'skipping' if skip_bad else 'bad'} subject {e.name!r} ({e.images}): {why}")
+            why[i] = str(err)
+    if check_photos is not None:
+        why.update(_shared_checks(entries, check_photos, skip=set(why)))
+    bad = [(entries[i], why[i]) for i in sorted(why)]
+    good = [e for i, e in enumerate(entries) if i not in why]
+    for e, reason in bad:
+        log(f"{'skipping' if skip_bad else 'bad'} subject {e.name!r} ({e.images}): {reason}")
     if bad and not skip_bad:
         raise DataError(f"{len(bad)} of {len(entries)} subject(s) are bad ({', '.join(repr(e.name) for e, _ in bad)}; "
                         "each is named above); fix them or pass --skip-bad-subjects to train the rest")
     if not good:
         raise DataError(f"no subject of {len(entries)} is usable; fix the subjects named above")
     return good
+
+
+_REASON_BYTES = 512  # a check's one-line reason, as shared between processes
+
+
+def _shared_checks(entries: Sequence[SubjectEntry], check: Callable[[SubjectEntry], None],
+                   skip: set[int]) -> dict[int, str]:
+    """`check` on each subject (but those in `skip`) by one process only, subject i by process
+    i mod P, so that no host decodes every photo of a pod-sized list; the reasons are then
+    all-gathered, so every process drops the same subjects."""
+    procs, me = jax.process_count(), jax.process_index()
+    reasons = np.zeros((len(entries), _REASON_BYTES), np.uint8)
+    for i, e in enumerate(entries):
+        if i % procs != me or i in skip:
+            continue
+        try:
+            check(e)
+        except ConesError as err:
+            raw = str(err).encode()[:_REASON_BYTES - 1] or b"?"
+            reasons[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+    if procs > 1:
+        from jax.experimental import multihost_utils
+
+        reasons = np.asarray(multihost_utils.process_allgather(reasons)).max(axis=0)
+    return {i: bytes(r[r > 0]).decode(errors="replace") for i, r in enumerate(reasons) if r.any()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,42 @@ def test_check_subjects_and_pending(tmp_path):
     assert len(subjects.pending_subjects(entries, str(tmp_path), ".safetensors", overwrite=True, log=print)) == 3
 
 
+def test_photo_checks_are_shared_out_across_processes(monkeypatch):
+    """On a pod, process p reads the photos of subjects p, p + P, ... only; the reasons are gathered
+    so that every process drops the same subjects (here process 1 of 2, the other's findings faked)."""
+    from jax.experimental import multihost_utils
+
+    entries = [subjects.SubjectEntry(n, f"/photos/{n}", "dog") for n in "abcde"]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    read: list[str] = []
+
+    def check_photos(e):
+        read.append(e.name)
+        if e.name == "d":
+            raise DataError("image folder /photos/d holds no images")
+
+    def allgather(local):
+        other = np.zeros_like(local)  # process 0 found subject "c" (index 2) bad
+        msg = b"image /photos/c/0.png is 8 px on its short side"
+        other[2, :len(msg)] = np.frombuffer(msg, np.uint8)
+        return np.stack([other, local])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+    def check_one(e):
+        if e.name == "b":
+            raise DataError("word tokenises to nothing")
+
+    lines: list[str] = []
+    good = subjects.check_subjects(entries, check_one, skip_bad=True, log=lines.append, check_photos=check_photos)
+    assert read == ["d"]  # b (index 1) was already bad; a, c, e belong to process 0
+    assert [e.name for e in good] == ["a", "e"]
+    assert lines == ["skipping subject 'b' (/photos/b): word tokenises to nothing",
+                     "skipping subject 'c' (/photos/c): image /photos/c/0.png is 8 px on its short side",
+                     "skipping subject 'd' (/photos/d): image folder /photos/d holds no images"]
+
+
 @pytest.mark.parametrize("n, batch, devices, model, want", [
     (3, 1, 8, 1, (8, 1, 1)),      # batch 1: every device trains its own subjects
     (16, 1, 8, 1, (8, 1, 1)),
