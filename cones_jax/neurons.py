@@ -865,6 +865,7 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     if history is not None:
         history.extend(hist)
     offsets = step_fn.gather(state["params"]["xi_offset"])
+    stopped = set(step_fn.stopped(state))
 
     out: list[ConceptNeurons] = []
     failed: list[str] = []
@@ -876,8 +877,8 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         if scores is not None:
             scores.append(m_p)
         try:
-            if not all(np.isfinite(v).all() for v in m_p.values()):
-                raise DivergedError("its neuron scores are not finite; lower the learning rate (rho)")
+            if i in stopped or not all(np.isfinite(v).all() for v in m_p.values()):
+                raise DivergedError("its search diverged (non-finite loss or ξ); lower the learning rate (rho)")
             s_tau = p.tau if p.tau is not None else tau_for_sparsity(m_p, p.sparsity)
             indices = select_neurons(m_p, s_tau)
         except (NeuronsError, DivergedError) as e:

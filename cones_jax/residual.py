@@ -643,13 +643,23 @@ def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: M
         groups.setdefault(group_key(cfgs[e.name]), []).append(e)
     model = load_residual_model(model_dir, dtype=options.dtype, remat=options.remat)
     out: dict[str, artifacts.Residual] = {}
+    failed: list[str] = []
     for n, (key, members) in enumerate(groups.items()):
         if len(groups) > 1:
             log(f"group {n + 1} of {len(groups)}: {len(members)} subject(s) sharing one config")
         ckpt = options.checkpoint_dir
         if ckpt and several_groups:
             ckpt = os.path.join(ckpt, _checkpoint_subdir(key))
-        out.update(_train_group(model, members, [cfgs[e.name] for e in members], out_dir, ckpt, options, log))
+        try:
+            out.update(_train_group(model, members, [cfgs[e.name] for e in members], out_dir, ckpt, options, log,
+                                    failed))
+        except DivergedError as e:  # every subject of the group diverged: the next group still runs
+            log(f"group of {', '.join(repr(m.name) for m in members)}: {e}")
+            failed.extend(m.name for m in members)
+    if failed:
+        raise DivergedError(f"{len(failed)} of {len(good)} subject(s) diverged and got no file "
+                            f"({', '.join(map(repr, failed))}); the others are written; re-run with a lower learning "
+                            "rate (`lr`, in their `overrides`) to train only those")
     return out
 
 
@@ -712,9 +722,10 @@ def _delta_fn(text: CLIPTextTransformer) -> Callable:
 
 
 def _train_group(model: ResidualModel, entries: Sequence[subjects.SubjectEntry], cfgs: Sequence[Any], out_dir: str,
-                 checkpoint_dir: str | None, options: ManyOptions,
-                 log: Callable[[str], None]) -> dict[str, artifacts.Residual]:
-    """One config group: all its subjects in one jitted step, then their Δs, written by process 0."""
+                 checkpoint_dir: str | None, options: ManyOptions, log: Callable[[str], None],
+                 failed: list[str]) -> dict[str, artifacts.Residual]:
+    """One config group: all its subjects in one jitted step, then their Δs, written by process 0;
+    the names of subjects that diverged go to `failed`."""
     cfg = cfgs[0]
     num = len(entries)
     mesh = subjects.make_subject_mesh(num, cfg["batch"], model=cfg["model_parallel"])
@@ -748,13 +759,16 @@ def _train_group(model: ResidualModel, entries: Sequence[subjects.SubjectEntry],
     inputs, widths = _delta_inputs(setups)
     deltas = step.map_subjects(_delta_fn(model.text), state["params"]["text_encoder"],
                                step.put_subjects(subjects.stack_subjects(inputs, mesh)), shared=model.text_params)
-    bad = [e.name for e, d in zip(entries, deltas) if not np.isfinite(d).all()]
-    if bad:
-        hint = training.resume_hint(checkpointer) or "no checkpoint was saved"
-        raise DivergedError(f"Δ is not finite for {', '.join(bad)} after {cfg['steps']} steps; nothing written; "
-                            f"lower the learning rate; {hint}")
+    # A subject stopped by a non-finite step gets no file; the others are written (and a re-run
+    # without --overwrite retrains only the stopped ones).
+    stopped = set(step.stopped(state)) | {i for i, d in enumerate(deltas) if not np.isfinite(d).all()}
+    for i in sorted(stopped):
+        log(f"subject {entries[i].name!r} diverged (its loss or weights became non-finite); nothing written for it")
+        failed.append(entries[i].name)
     out = {}
-    for e, c, s, d, n in zip(entries, cfgs, setups, deltas, widths):
+    for i, (e, c, s, d, n) in enumerate(zip(entries, cfgs, setups, deltas, widths)):
+        if i in stopped:
+            continue
         path = subjects.artifact_path(out_dir, e, ".safetensors")
         residual = artifacts.Residual(np.asarray(d[:n], np.float32), s.word, s.token_ids, model.fingerprint,
                                       c["preset"], path)

@@ -309,9 +309,14 @@ def subjects_step_fn(loss_fn: training.LossFn, optimizer: optax.GradientTransfor
                      ema_decay: float = 0.999) -> Callable:
     """The pure step `(state, shared, per_subject, batch, weight_S) -> (state, metrics)` before jit:
     `training.train_step_fn` mapped over the subject axis, so each subject's update is exactly its
-    single-subject update. state holds the scalar "step" and, stacked [S, ...], everything else;
-    metrics are the `weight_S`-weighted means over the real subjects (padding has weight 0), and
-    "params_finite" holds for every real subject."""
+    single-subject update. state holds the scalar "step" and, stacked [S, ...], everything else,
+    "alive" among it.
+
+    A subject whose loss or parameters turn non-finite is stopped, not the run: its state stays at
+    its last finite step and its "alive" flag drops; the others go on. Metrics are the means over
+    the live real subjects (padding has weight 0), plus "subjects_alive"; the loss is non-finite,
+    and `training.run_loop` stops, only when no subject is left.
+    """
     one = training.train_step_fn(loss_fn, optimizer, ema_decay)
 
     def step(state: dict, shared: Any, per_subject: Any, batch: dict, weight_S: jax.Array) -> tuple[dict, dict]:
@@ -319,14 +324,18 @@ def subjects_step_fn(loss_fn: training.LossFn, optimizer: optax.GradientTransfor
             new, metrics = one({**sub_state, "step": state["step"]}, {**shared, **sub_frozen}, sub_batch)
             return {k: v for k, v in new.items() if k != "step"}, metrics
 
-        stacked = {k: v for k, v in state.items() if k != "step"}
+        stacked = {k: v for k, v in state.items() if k not in ("step", "alive")}
         new, metrics_S = jax.vmap(per)(stacked, per_subject, batch)
-        real_S = weight_S > 0
-        metrics = {k: jnp.sum(weight_S * v.astype(jnp.float32)) / jnp.sum(weight_S)
+        alive_S = state["alive"] & metrics_S["params_finite"] & jnp.isfinite(metrics_S["loss"])
+        keep = lambda n, o: jnp.where(alive_S.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+        new = jax.tree.map(keep, new, stacked)
+        w_S = weight_S * alive_S
+        metrics = {k: jnp.sum(jnp.where(alive_S, w_S * v.astype(jnp.float32), 0.0)) / jnp.sum(w_S)
                    for k, v in metrics_S.items() if k != "params_finite"}
-        metrics["params_finite"] = jnp.all(jnp.where(real_S, metrics_S["params_finite"], True))
-        metrics["loss_max"] = jnp.max(jnp.where(real_S, metrics_S["loss"], -jnp.inf))
-        return {**new, "step": state["step"] + 1}, metrics
+        metrics["params_finite"] = jnp.bool_(True)  # a subject that is not is stopped above
+        metrics["loss_max"] = jnp.max(jnp.where(w_S > 0, metrics_S["loss"], -jnp.inf))
+        metrics["subjects_alive"] = jnp.sum(w_S)
+        return {**new, "alive": alive_S, "step": state["step"] + 1}, metrics
 
     return step
 
@@ -419,7 +428,7 @@ class SubjectsStep:
 
         def init(p: Any, seeds_S: jax.Array) -> dict:
             states = jax.vmap(lambda seed: training.init_state(p, optimizer, seed))(seeds_S)
-            return {**states, "step": jnp.zeros((), jnp.int32)}
+            return {**states, "alive": jnp.ones(seeds_S.shape, bool), "step": jnp.zeros((), jnp.int32)}
 
         shape = jax.eval_shape(init, params, seed_S)
         return jax.jit(init, out_shardings=self.state_sharding(shape))(
@@ -483,6 +492,10 @@ class SubjectsStep:
         rep = NamedSharding(self.mesh, P())
         full = jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: rep, tree_S))(tree_S)
         return jax.tree.map(lambda x: np.asarray(jax.device_get(x))[self.slot_of], full)
+
+    def stopped(self, state: dict) -> list[int]:
+        """The subjects (indices into the run's list) stopped by a non-finite loss or parameter."""
+        return [i for i, ok in enumerate(self.gather(state["alive"])) if not ok]
 
     def map_subjects(self, fn: Callable, *args: Any, shared: Any = None) -> Any:
         """`fn` (a pure function of one subject's slice of each arg) over every slot, on the devices

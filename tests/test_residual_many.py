@@ -201,3 +201,16 @@ def test_multi_subject_model_parallel_and_distributed_flags(tiny, singles, tmp_p
     assert _cli(root, path, tmp_path / "other", "--num-processes", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "distributed" in err[0], err
+
+
+def test_multi_subject_a_diverging_subject_does_not_cost_the_others(tiny, singles, tmp_path, capsys):
+    """A subject whose overrides make it diverge gets no file and one line; the others are written
+    as usual and the run exits 1 naming it, so a re-run trains only that one."""
+    root, folders = tiny
+    path = _subjects_file(tmp_path / "s.json", folders[:2], WORDS[:2], SEEDS[:2], extra=[{}, {"lr": 3e38}])
+    out = tmp_path / "out"
+    assert _cli(root, path, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'cat'" in err[-1] and "diverged" in err[-1] and err[-1].startswith("error:"), err
+    assert sorted(os.listdir(out)) == ["dog.safetensors"]
+    _close(artifacts.load_residual(str(out / "dog.safetensors")).delta, singles["dog"])

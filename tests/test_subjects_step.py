@@ -109,3 +109,43 @@ def test_padding_is_spread_over_the_devices():
     assert subjects.slot_of(2, 8) == [0, 4]  # two hosts of four devices: one subject each
     assert subjects.slot_of(3, 4) == [0, 1, 2]
     assert sorted(set(subjects.slot_of(9, 16))) == subjects.slot_of(9, 16)
+
+
+def test_multi_subject_a_diverging_subject_stops_alone():
+    """Subject 1's data turns non-finite at step 2: it stops at its last finite state and is flagged;
+    the others train on exactly as their own runs do."""
+    optimizer = optax.adamw(1e-2)
+    w0 = {"w": np.ones((WIDTH, WIDTH), np.float32)}
+    data = subject_data(3)
+    data[1]["x"][2] = np.inf
+    step = many_step(data, optimizer, 1)
+    state = step.init_states(w0, optimizer, [0, 1, 2])
+    state, history = training.run_loop(step, state, lambda k: fetcher(data, k), total_steps=STEPS, progress=False,
+                                       log=lambda s: None)
+    assert step.stopped(state) == [1]
+    assert [h["subjects_alive"] for h in history] == [3, 3, 2, 2]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    got = step.gather(state["params"]["w"])
+    want = single_runs([data[0], data[2]], optimizer, w0, [0, 2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2], want[1], rtol=1e-5, atol=1e-6)
+    # subject 1 holds its state after step 2 (two finite steps), as its own run had before it diverged
+    two = {**data[1], "x": data[1]["x"][:2], "y": data[1]["y"][:2]}
+    mesh = training.make_mesh(BATCH)
+    one = training.make_train_step(loss_fn, optimizer, mesh, {"scale": jnp.float32(2.0), "b": jnp.asarray(two["b"])})
+    s1 = one.put_state(training.init_state(jax.tree.map(jnp.array, w0), optimizer, 1))
+    for k in range(2):
+        s1, _ = one(s1, one.put_batch({"x": two["x"][k], "y": two["y"][k]}))
+    np.testing.assert_allclose(got[1], np.asarray(s1["params"]["w"]), rtol=1e-5, atol=1e-6)
+
+
+def test_multi_subject_every_subject_diverging_stops_the_run():
+    optimizer = optax.adamw(1e-2)
+    data = subject_data(2)
+    for d in data:
+        d["x"][1] = np.nan
+    step = many_step(data, optimizer, 1)
+    state = step.init_states({"w": np.ones((WIDTH, WIDTH), np.float32)}, optimizer, [0, 1])
+    with pytest.raises(training.DivergedError, match="step 1"):
+        training.run_loop(step, state, lambda k: fetcher(data, k), total_steps=STEPS, progress=False,
+                          log=lambda s: None)
