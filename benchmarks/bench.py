@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -47,6 +46,7 @@ from benchmarks.common import (
     log,
     random_params,
     torch_dtype_for,
+    write_json,
 )
 
 RESULT_KEYS = (
@@ -327,9 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return run_demo_step(args, command)
     result = run_unet(args, command)
     print(summary_table(result), flush=True)
+    write_json(args.json, result)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
         log(f"results written to {args.json}")
     return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -124,6 +125,13 @@ def torch_dtype_for(dtype: str, torch_device: str):
     if torch_device == "cpu":  # fp16 kernels on CPU are slow fallbacks; not a fair reference
         return torch.float32, "fp16 asked, but torch on CPU has no sensible fp16 path: torch ran fp32"
     return torch.float16, ""
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """A benchmark's result as JSON at `path` (its `--json`), where one is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:

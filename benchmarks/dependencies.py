@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata as md
-import json
 import os
 import re
 import statistics
@@ -24,7 +23,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from benchmarks.common import format_table, host_description
+from benchmarks.common import format_table, host_description, write_json
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(_ROOT, "examples", "demo_model", "tokenizer")
@@ -140,9 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "adds_mb": None if size is None else size[0],
                         "adds": None if size is None else size[1]}
     print(format_table(rows, header=("case", "import s (median)", "first use s", "adds to the install")))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

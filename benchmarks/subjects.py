@@ -20,7 +20,6 @@ subject's step. It prints the per-subject figures of BENCHMARKS.md's projection.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -28,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import CONTEXT_LEN, PREDICTION, TEXT_CONFIGS, random_pipeline, residual_step_inputs
+from benchmarks.common import (
+    CONTEXT_LEN,
+    PREDICTION,
+    TEXT_CONFIGS,
+    random_pipeline,
+    residual_step_inputs,
+    write_json,
+)
 from cones_jax import residual, subjects, training
 from cones_jax.models.vae import VAEConfig
 
@@ -89,9 +95,7 @@ def throughput(args: argparse.Namespace) -> dict:
 
     # One many-subject run.
     mesh = subjects.make_subject_mesh(args.subjects, args.batch)
-    slots = subjects.padded_count(args.subjects, mesh)
-    where = {s: i for i, s in enumerate(subjects.slot_of(args.subjects, slots))}
-    per = jax.tree.map(lambda *xs: np.stack(xs), *[data[where.get(s, 0)]["frozen"] for s in range(slots)])
+    per = subjects.stack_subjects([d["frozen"] for d in data], mesh)
     many = subjects.SubjectsStep(loss_fn, optimizer, mesh, {"unet": sd.params["unet"]}, per, args.subjects)
     state = many.init_states({"text_encoder": text_params}, optimizer, list(range(args.subjects)))
     first = many.put_batch(lambda i: data[i]["batches"][0])
@@ -202,9 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         q.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     result = throughput(args) if args.what == "throughput" else cost(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -541,10 +541,7 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
         raise NeuronsError("give `tau` or `sparsity`, not both")
     class_word = training.check_word(class_word, "class_word")
     cfg, chosen = default_train_config(model_dir, opts.config, opts.overrides)
-    if tau is None and sparsity is None:
-        tau, sparsity = cfg["tau"], cfg["sparsity"]
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
+    tau, sparsity = selection(tau, sparsity, cfg)
     training.check_checkpoint_dir(opts.checkpoint_dir, opts.resume)
     training.check_images(images_dir, cfg["resolution"])
     if opts.class_dir and os.path.isfile(opts.class_dir):
@@ -697,6 +694,17 @@ class SubjectPlan:
         return self.entry.word.strip()
 
 
+def selection(tau: float | None, sparsity: float | None, cfg: Mapping[str, Any],
+              where: str = "") -> tuple[float | None, float | None]:
+    """How a search's neurons are picked: the given `tau` or `sparsity`, else the config's; a
+    sparsity outside (0, 1) is refused (`where` names the subject of a many-subject run)."""
+    if tau is None and sparsity is None:
+        tau, sparsity = cfg["tau"], cfg["sparsity"]
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"{where}`sparsity` must be in (0, 1), got {sparsity}")
+    return tau, sparsity
+
+
 def subject_plan(cfg: Any, entry: Any, tau: float | None, sparsity: float | None) -> SubjectPlan:
     """`entry`'s config: the run's `cfg` with the subject's overrides (only `SUBJECT_OVERRIDES`; any
     other key is refused, one line naming the subject and the key). A subject's `tau` or `sparsity`
@@ -718,8 +726,7 @@ def subject_plan(cfg: Any, entry: Any, tau: float | None, sparsity: float | None
         tau, sparsity = sub_cfg["tau"], None
     elif overrides.get("sparsity") is not None:
         tau, sparsity = None, sub_cfg["sparsity"]
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"subject {entry.name!r}: `sparsity` must be in (0, 1), got {sparsity}")
+    tau, sparsity = selection(tau, sparsity, sub_cfg, f"subject {entry.name!r}: ")
     return SubjectPlan(entry, sub_cfg, tau, sparsity)
 
 
@@ -767,11 +774,7 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     if opts.class_dir and os.path.isfile(opts.class_dir):
         raise NeuronsError(f"`class_dir` {opts.class_dir} is a file, not a folder (of one folder per class word)")
     cfg, chosen = default_train_config(model_dir, opts.config, opts.overrides)
-    tau, sparsity = opts.tau, opts.sparsity
-    if tau is None and sparsity is None:
-        tau, sparsity = cfg["tau"], cfg["sparsity"]
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"`sparsity` must be in (0, 1), got {sparsity}")
+    tau, sparsity = selection(opts.tau, opts.sparsity, cfg)
     training.check_checkpoint_dir(opts.checkpoint_dir, opts.resume)
     model = cfg["model_parallel"]
     if model < 1 or jax.device_count() % model:
@@ -813,10 +816,7 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         ctx_subject, ctx_prior = prompt_contexts(sd, p.cfg, p.class_word, p.identifier)
         per_subject.append({"ctx_subject": np.asarray(ctx_subject), "ctx_prior": np.asarray(ctx_prior)})
     opt = make_optimizer(cfg["rho"])
-    slots = subjects.padded_count(n, mesh)
-    where = subjects.slot_of(n, slots)
-    at = {s: i for i, s in enumerate(where)}
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[per_subject[at.get(s, 0)] for s in range(slots)])
+    stacked = subjects.stack_subjects(per_subject, mesh)
     step_fn = subjects.SubjectsStep(make_loss_fn(loss_spec(sd, cfg)), opt, mesh, {"unet": sd.params["unet"]},
                                     stacked, n)
 

@@ -418,6 +418,16 @@ def setup_residual(model_dir: str, images_dir: str, word: str, *, cfg: Any, dtyp
     return setup_subject(model, images_dir, word, cfg=cfg, sentences=sentences)
 
 
+def instance_prompt_ids(tok: ClipTokenizer, cfg: Any, word: str) -> np.ndarray:
+    """The ids [1, L] of the subject's instance prompt, refused where the token limit cuts the word
+    off. Needs only the tokenizer, so a many-subject run checks it before the model loads."""
+    instance = cfg["instance_prompt"].format(word)
+    ids = tok.encode([instance])
+    if not tok.find_word(ids[0], word):
+        raise ResidualError(f"instance prompt {instance!r} does not contain {word!r} within the token limit")
+    return ids
+
+
 def setup_subject(model: ResidualModel, images_dir: str | None, word: str, *, cfg: Any,
                   sentences: str | None = None) -> ResidualSetup:
     """One subject's part of a run on a loaded model: its token ids, instance prompt, preservation
@@ -432,10 +442,7 @@ def setup_subject(model: ResidualModel, images_dir: str | None, word: str, *, cf
         images = training.load_images(images_dir, cfg["resolution"], crop=cfg["crop"], multiple=factor)
         latents = training.encode_images(model.vae, model.vae_params, images, crop_hw)
 
-    instance = cfg["instance_prompt"].format(word)
-    instance_ids = tok.encode([instance])
-    if not tok.find_word(instance_ids[0], word):
-        raise ResidualError(f"instance prompt {instance!r} does not contain {word!r} within the token limit")
+    instance_ids = instance_prompt_ids(tok, cfg, word)
     spec = model.spec(cfg)
     frozen: dict = {"unet": model.unet_params, "instance_ids": jnp.asarray(instance_ids[0])}
     if cfg["reg"] == "official":
@@ -626,10 +633,7 @@ def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: M
     def check_one(e: subjects.SubjectEntry) -> None:
         training.check_word(e.word)
         cfg = _subject_config(base, e)
-        ids = tok.encode([cfg["instance_prompt"].format(e.word)])
-        if not tok.find_word(ids[0], e.word):  # word_ids raises first on a word of no tokens
-            raise ResidualError(f"instance prompt {cfg['instance_prompt'].format(e.word)!r} does not contain "
-                                f"{e.word!r} within the token limit")
+        instance_prompt_ids(tok, cfg, e.word)
         cfgs[e.name] = cfg
 
     def check_photos(e: subjects.SubjectEntry) -> None:
@@ -766,13 +770,13 @@ def _train_group(model: ResidualModel, entries: Sequence[subjects.SubjectEntry],
         log(f"subject {entries[i].name!r} diverged (its loss or weights became non-finite); nothing written for it")
         failed.append(entries[i].name)
     out = {}
+    resuming = bool(options.resume and options.checkpoint_dir)
     for i, (e, c, s, d, n) in enumerate(zip(entries, cfgs, setups, deltas, widths)):
         if i in stopped:
             continue
         path = subjects.artifact_path(out_dir, e, ".safetensors")
         residual = artifacts.Residual(np.asarray(d[:n], np.float32), s.word, s.token_ids, model.fingerprint,
                                       c["preset"], path)
-        resuming = bool(options.resume and options.checkpoint_dir)
         if subjects.is_writer() and not subjects.keep_existing(path, overwrite=options.overwrite, resuming=resuming):
             _check_out(path, options.overwrite)  # the file may have appeared during a long run
             artifacts.save_residual(path, residual, extra={"steps": c["steps"], "batch": c["batch"], "lr": c["lr"]})

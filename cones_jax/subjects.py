@@ -384,23 +384,11 @@ class SubjectsStep:
                 for k, v in state.items()}
 
     @property
-    def local_slots(self) -> list[int]:
-        """The stack slots whose data this process's devices hold."""
-        sharding = self.subject_sharding()
-        idx = sharding.addressable_devices_indices_map((self.slots,))
-        return sorted({s for sl in idx.values() for s in range(*sl[0].indices(self.slots))})
-
-    @property
     def local_subjects(self) -> list[int]:
         """The subjects (indices into the run's list) whose photos this process must read."""
         return local_subjects(self.mesh, self.num_subjects)
 
     # -- placing data ---------------------------------------------------------------------------
-
-    def stack(self, per_subject_host: Sequence[Any]) -> Any:
-        """Host trees, one per subject, stacked into [slots, ...] (padding slots repeat a real
-        subject's values: finite, and masked out)."""
-        return stack_subjects(per_subject_host, self.mesh)
 
     def put_subjects(self, stacked: Any) -> Any:
         """A host tree stacked [slots, ...] onto the mesh, each slot on the devices that train it."""
@@ -474,10 +462,7 @@ class SubjectsStep:
         return training.step_flops(self._compiled) if self._compiled is not None else None
 
     def memory_gib(self) -> dict[str, float] | None:
-        analysis = self._compiled.memory_analysis() if self._compiled is not None else None
-        if analysis is None:
-            return None
-        return {k: getattr(analysis, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "temp")}
+        return training.step_memory_gib(self._compiled) if self._compiled is not None else None
 
     def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
         if self._compiled is None:

@@ -477,10 +477,7 @@ class TrainStep:
         """The compiled step's buffers per device, in GiB, as XLA planned them: arguments (state,
         frozen models, batch), outputs, and temporaries (activations kept for the backward pass,
         gradients); None where the backend does not say."""
-        analysis = self._compiled.memory_analysis() if self._compiled is not None else None
-        if analysis is None:
-            return None
-        return {k: getattr(analysis, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "temp")}
+        return step_memory_gib(self._compiled) if self._compiled is not None else None
 
     def flops(self) -> float | None:
         """FLOPs of one compiled step per device, as XLA counts them (`step_flops`); None before the
@@ -663,6 +660,15 @@ def matmul_dtype(*trees: Any) -> Any:
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             counts[jnp.dtype(leaf.dtype)] = counts.get(jnp.dtype(leaf.dtype), 0) + int(np.prod(leaf.shape))
     return max(counts, key=counts.get) if counts else jnp.dtype(jnp.float32)
+
+
+def step_memory_gib(compiled: jax.stages.Compiled) -> dict[str, float] | None:
+    """A compiled step's buffers per device in GiB, as XLA planned them (argument, output, temp);
+    None where the backend does not say."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return {k: getattr(analysis, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "temp")}
 
 
 def step_flops(compiled: jax.stages.Compiled) -> float | None:

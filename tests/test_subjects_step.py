@@ -42,9 +42,7 @@ def single_runs(data, optimizer, w0, seeds):
 def many_step(data, optimizer, model):
     n = len(data)
     mesh = subjects.make_subject_mesh(n, BATCH, model=model)
-    slots = subjects.padded_count(n, mesh)
-    where = {s: i for i, s in enumerate(subjects.slot_of(n, slots))}
-    per = {"b": np.stack([data[where.get(s, 0)]["b"] for s in range(slots)])}
+    per = subjects.stack_subjects([{"b": d["b"]} for d in data], mesh)
     return subjects.SubjectsStep(loss_fn, optimizer, mesh, {"scale": jnp.float32(2.0)}, per, n)
 
 
