@@ -174,6 +174,10 @@ class ResidualConfig(Config):
     reg_batch: int = 4                 # reg="paper": sentences per step
     num_sentences: int = 1000
     sentence_seed: int = 0
+    # delta_prompts="templates": the prompts Δ is averaged over, each with one "{}" for the word;
+    # empty means textual inversion's 27 (the official code's). A model whose text encoder never
+    # read "a photo of" averages better over its own captions' wording.
+    delta_templates: tuple[str, ...] = ()
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8

@@ -104,6 +104,17 @@ def generate_sentences(word: str, num: int, seed: int = 0) -> list[str]:
     return [sentences[i] for i in order[:num]]
 
 
+def delta_templates(cfg: Any) -> tuple[str, ...]:
+    """The templates Δ (Eq. 5) is averaged over: the config's, else textual inversion's; each
+    must hold one "{}" for the word."""
+    templates = tuple(cfg.get("delta_templates") or TI_TEMPLATES)
+    bad = [t for t in templates if not t.count("{}") == t.count("{") == t.count("}") == 1]
+    if bad:
+        raise ResidualError(f"config delta_templates: {bad[0]!r} must hold exactly one {{}} (the word's place) "
+                            "and no other braces")
+    return templates
+
+
 def read_sentences(path: str, word: str, tokenizer: ClipTokenizer) -> list[str]:
     """A user's sentence file (one per line); lines that do not contain the word are dropped with a warning."""
     if not os.path.isfile(path):
@@ -462,7 +473,7 @@ def setup_subject(model: ResidualModel, images_dir: str | None, word: str, *, cf
         frozen["reg_target"] = jnp.asarray(encode_prompts(text, text_params, reg_ids))
         frozen["reg_keep"] = jnp.asarray(keep.astype(np.float32))
     if cfg["delta_prompts"] == "templates":
-        delta_prompts = [t.format(word) for t in TI_TEMPLATES]
+        delta_prompts = [t.format(word) for t in delta_templates(cfg)]
     elif cfg["delta_prompts"] == "sentences":
         delta_prompts = sents if cfg["reg"] == "paper" else generate_sentences(
             word, cfg["num_sentences"], cfg["sentence_seed"])
@@ -500,6 +511,7 @@ def train_residual(model_dir: str, images_dir: str, word: str, out: str, *, pres
     flags = dict(overrides or {}, **{k: v for k, v in explicit.items() if v is not None})
     cfg, chosen = default_train_config(model_dir, preset, config, flags)
     training.check_numbers(cfg)
+    delta_templates(cfg)
     training.check_checkpoint_dir(checkpoint_dir, resume)
     training.check_images(images_dir, cfg["resolution"])
     if chosen:
@@ -634,6 +646,7 @@ def train_residuals(model_dir: str, subjects_path: str, out_dir: str, options: M
         training.check_word(e.word)
         cfg = _subject_config(base, e)
         instance_prompt_ids(tok, cfg, e.word)
+        delta_templates(cfg)
         cfgs[e.name] = cfg
 
     def check_photos(e: subjects.SubjectEntry) -> None:

@@ -14,6 +14,7 @@ from tiny_checkpoints import make_sd
 
 from cones_jax import artifacts, residual, training
 from cones_jax import train as train_cli
+from cones_jax.errors import ResidualError
 
 RES = 32      # pixels; the tiny VAE halves it -> 16x16 latents
 LR = 1e-3     # large, so that 30 steps move the tiny encoder (same value everywhere: one compiled step)
@@ -109,6 +110,22 @@ def test_sentences():
     assert s != residual.generate_sentences("dog", 1000, seed=1)
     assert any(" an " in x for x in residual.generate_sentences("owl", 300))
     assert len(residual.TI_TEMPLATES) == 27
+
+
+def test_delta_templates_replace_textual_inversions(tiny, tmp_path):
+    """A config's own Δ templates (a model that never read "a photo of") are the prompts Δ is
+    averaged over; a template without exactly one {} is refused before anything loads."""
+    root, images = tiny
+    assert residual.delta_templates(_cfg()) == residual.TI_TEMPLATES
+    cfg = _cfg(delta_templates=("a {}", "a big {} on a grey background"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = residual.setup_residual(root, images, "dog", cfg=cfg)
+    assert got.delta_prompts == ["a dog", "a big dog on a grey background"]
+    for bad in ("a dog", "a {} and a {}", "a {word}"):
+        with pytest.raises(ResidualError, match="delta_templates"):
+            residual.train_residual(root, images, "dog", str(tmp_path / "x.safetensors"),
+                                    overrides={"resolution": 32, "delta_templates": ("a {}", bad)})
 
 
 def test_sentence_file(setup, tmp_path):

@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity-only", action="store_true",
                    help="only that comparison (with the shipped demo_world/neurons "
                         "unless --neurons says otherwise)")
+    p.add_argument("--methods", nargs="+", choices=list(IDENTITY_METHODS), metavar="METHOD",
+                   help="with --identity-only: these rows of the comparison only "
+                        f"(default all: {'; '.join(IDENTITY_METHODS)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every preset (e.g. self_recurrence=False); "
                         f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
@@ -430,10 +433,13 @@ def main(argv: list[str] | None = None) -> int:
             load_config(preset, overrides)
     except ValueError as e:
         p.error(str(e))
+    if args.methods and not args.identity_only:
+        p.error("--methods picks rows of the identity comparison; add --identity-only")
+    methods = tuple(args.methods or IDENTITY_METHODS)
     if args.identity_only and not args.neurons:
         args.neurons = DEMO_NEURONS
     if args.neurons:
-        missing = [f for g in IDENTITY_GROUPS for m in IDENTITY_METHODS for f in neuron_files(g, m)
+        missing = [f for g in IDENTITY_GROUPS for m in methods for f in neuron_files(g, m)
                    if not os.path.isfile(os.path.join(args.neurons, f))]
         if missing:
             p.error(f"--neurons {args.neurons} lacks {', '.join(missing)}; make them with python train.py neurons "
@@ -452,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print(IDENTITY_HEADER)
         for with_layout in (False, True):
             identity_by_method(sd, det, seeds=seeds, residual_dir=args.residuals, neuron_dir=args.neurons,
-                               steps=args.steps or 20, with_layout=with_layout)
+                               methods=methods, steps=args.steps or 20, with_layout=with_layout)
         if args.identity_only:
             print(f"evaluated in {(time.time() - t0) / 60:.1f} min")
             return 0
