@@ -91,11 +91,12 @@ def test_ground_truth_renders_are_placed_and_sized(det):
     cases = fidelity.layout_set(fidelity.DEV_SEED, {2: 4, 3: 4, 4: 4})
     truth = fidelity.ground_truth_check(det, cases, [0, 1])
     for k in (2, 3, 4):
-        assert truth[k]["all_placed"] >= 0.85 and truth[k]["placement"] >= 0.95, truth
+        # an object at 60% of a 0.18 box (7 px) can fall under detect.find_boxes' smallest blob
+        assert truth[k]["all_placed"] >= 0.75 and truth[k]["placement"] >= 0.9, truth
         # objects at 60-90% of their box's side: areas 0.36-0.81 of the box, median 0.56
         assert 0.45 <= truth[k]["area_ratio"] <= 0.65, truth
     full = fidelity.ground_truth_check(det, cases, [0, 1], fill=(0.8, 1.0))
-    assert all(0.5 <= full[k]["area_ratio"] <= 1.2 and full[k]["all_placed"] >= 0.85 for k in full), full
+    assert all(0.5 <= full[k]["area_ratio"] <= 1.2 and full[k]["all_placed"] == 1.0 for k in full), full
     dots = fidelity.ground_truth_check(det, cases, [0], fill=(0.3, 0.4))
     assert all(d["area_ratio"] < 0.5 or np.isnan(d["area_ratio"]) for d in dots.values()), dots
 
@@ -174,12 +175,12 @@ def test_gate_table_marks_each_gate():
     per_k = {2: {"all_placed": 0.95, "placement": 0.97, "area_ratio": 0.8, "images": 8},
              3: {"all_placed": 0.5, "placement": 0.8, "area_ratio": 0.7, "images": 8},
              4: {"all_placed": 0.8, "placement": 0.9, "area_ratio": float("nan"), "images": 8}}
-    measured = {"single": {"colour_and_shape": 0.99, "per_shape": {"star": 0.9, "circle": 1.0}},
+    measured = {"single": {"colour_and_shape": 0.9796, "per_shape": {"star": 0.9, "circle": 1.0}},
                 "text": {2: {"aligned": 0.9}, 4: {"aligned": 0.5}},
                 "placement": {"official": per_k, "unguided": per_k}, "minutes": 1.5}
     rows = {r[0]: r for r in fidelity.gate_rows(measured)}
-    assert rows["single object: colour and shape"][3] == "pass"
-    assert rows["single object: shape, worst shape (star)"][1:] == ("90%", "≥ 95%", "FAIL")
+    assert rows["single object: colour and shape"][1:] == ("97.9%", "≥ 98%", "FAIL")
+    assert rows["single object: shape, worst shape (star)"][1:] == ("90.0%", "≥ 95%", "FAIL")
     assert rows["text alignment, 2 objects (unguided)"][3] == "pass"
     assert rows["text alignment, 4 objects (unguided)"][3] == "FAIL"
     assert rows["placement, official, 2 objects: all placed"][3] == "pass"
