@@ -296,8 +296,8 @@ BOX_MARGIN = 2.0
 
 
 def object_side(box: Sequence[float]) -> float:
-    """The larger extent, in pixels, of the blob a `find_boxes` box was drawn around: the side of
-    the square box the world would draw that object in (world.Thing.box)."""
+    """The larger extent, in pixels, of the blob a `find_boxes` box was drawn around: about the side
+    of the square box the world drew the object in (world.Thing.box; a square fills 0.86 of its)."""
     return (float(box[2]) - float(box[0]) - BOX_MARGIN) / BOX_SCALE
 
 
