@@ -289,6 +289,18 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
+# A found box is square, BOX_SCALE times the blob's larger extent plus BOX_MARGIN pixels: context
+# for the classifier, which was trained on windows 1.05-2.2 times an object's side.
+BOX_SCALE = 1.3
+BOX_MARGIN = 2.0
+
+
+def object_side(box: Sequence[float]) -> float:
+    """The larger extent, in pixels, of the blob a `find_boxes` box was drawn around: about the side
+    of the square box the world drew the object in (world.Thing.box; a square fills 0.86 of its)."""
+    return (float(box[2]) - float(box[0]) - BOX_MARGIN) / BOX_SCALE
+
+
 def find_boxes(image: np.ndarray, min_area: int = 30, threshold: float = 60.0) -> list[tuple[float, ...]]:
     """Square boxes around the blobs that differ from the background colour, largest first."""
     diff = np.linalg.norm(image.astype(np.float32) - background_colour(image), axis=-1)
@@ -298,7 +310,7 @@ def find_boxes(image: np.ndarray, min_area: int = 30, threshold: float = 60.0) -
             continue
         y0, x0 = pts.min(0)
         y1, x1 = pts.max(0) + 1
-        cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * 1.3 + 2
+        cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * BOX_SCALE + BOX_MARGIN
         boxes.append((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
     return boxes
 
