@@ -379,6 +379,12 @@ def test_evaluate_cli_refuses_a_bad_override_before_loading(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "/nonexistent", "--neurons", "/nonexistent", "--identity-only"])
     assert "lacks sunny.cones" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "/nonexistent", "--methods", "residuals"])
+    assert "add --identity-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "/nonexistent", "--residuals", "/nonexistent", "--residual-rows"])
+    assert "--residual-rows: /nonexistent lacks a residual" in capsys.readouterr().err
 
 
 def test_figure_lays_photos_beside_samples(capsys, tmp_path):
