@@ -13,11 +13,15 @@ Training has three stages, each resumable from `workdir`:
      schedule, clipped-v loss weights (`--weighting min_snr` for min-SNR-5), captions with word
      drop-out, 10% empty for classifier-free guidance, EMA weights. Options draw more high-noise
      timesteps (`--timestep-power`), add single-object batches (`--single-object-fraction`) and a
-     token grounding loss (`--grounding-weight`); `--init-from` continues from an exported folder.
+     token grounding loss (`--grounding-weight`); `--init-from` continues from an exported folder, and
+     `--stop-at N` stops at step N of a schedule that spans `--steps` (a later run resumes it).
 `export` writes the EMA weights as a diffusers folder that PyTorch diffusers loads, with a record of
 the UNet steps they have had.
 
     python -m cones_jax.demo.base_model --workdir /tmp/demo_run --out examples/demo_model
+
+The shipped model came from a chain of such sittings; `python -m cones_jax.demo.retrain` replays
+them (`cones_jax/configs/demo_model_lineage.py`).
 """
 
 from __future__ import annotations
@@ -169,9 +173,12 @@ def optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformatio
 
 def train_stage(name: str, workdir: str, loss_fn: training.LossFn, params: Any,
                 batches: Callable[[int], dict], *, steps: int, lr: float, batch: int,
-                ema: bool, seed: int = 0, checkpoint_every: int = 500, export_only: bool = False) -> dict:
+                ema: bool, seed: int = 0, checkpoint_every: int = 500, export_only: bool = False,
+                stop_at: int | None = None) -> dict:
     """Runs one resumable training stage; returns the final state (with `export_only`, the latest
-    checkpoint's). `seed` keys the noise and timesteps."""
+    checkpoint's). `seed` keys the noise and timesteps. With `stop_at`, training stops after that
+    step (checkpointed there) while the learning-rate schedule still spans `steps`: the first part
+    of a longer run, which a later run with the same `steps` (or more) resumes."""
     opt = optimizer(lr, min(500, steps // 10), steps)
     mesh = training.make_mesh(batch)
     step_fn = training.make_train_step(loss_fn, opt, mesh, frozen={}, ema_decay=0.999)
@@ -186,7 +193,8 @@ def train_stage(name: str, workdir: str, loss_fn: training.LossFn, params: Any,
         ckpt.close()
         return state
     state = step_fn.put_state(state)
-    state, history = training.run_loop(step_fn, state, batches, total_steps=steps, checkpointer=ckpt, log=_log)
+    state, history = training.run_loop(step_fn, state, batches, total_steps=steps if stop_at is None else stop_at,
+                                       checkpointer=ckpt, log=_log)
     ckpt.close()
     if history:
         last = history[-100:]
@@ -526,6 +534,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", metavar="DIR",
                    help="an exported demo folder to continue from: its VAE is kept and its UNet and text encoder "
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
+    p.add_argument("--stop-at", type=int, metavar="N",
+                   help="stop the UNet stage after step N (1 <= N <= --steps) while its learning-rate schedule "
+                        "still spans --steps; the export records the steps taken, and a later run in the same "
+                        "workdir resumes from step N")
     p.add_argument("--export-only", action="store_true",
                    help="write --out from the latest UNet checkpoint's EMA weights without training further")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -542,6 +554,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     vars(args).update({k: v for k, v in recipe.items() if k in vars(args)})
+    args.vae_lr = recipe.vae_lr  # no flag of its own; --set vae_lr=X sets it
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        p.error(f"--stop-at {args.stop_at} is not in [1, --steps {args.steps}]")
     if not 0.0 <= args.single_object_fraction <= 1.0:
         p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
     if args.timestep_power < 0.0:
@@ -568,7 +583,7 @@ def vae_stage(args: argparse.Namespace, images: np.ndarray, warm_params: dict | 
             return {"images": np.asarray(images[idx, y:y + world.IMAGE_SIZE // 2, x:x + world.IMAGE_SIZE // 2])}
 
         state = train_stage("vae", args.workdir, lambda *a: vae_loss(vae, *a), params, vae_batches,
-                            steps=args.vae_steps, lr=recipe.vae_lr, batch=args.vae_batch, ema=False)
+                            steps=args.vae_steps, lr=args.vae_lr, batch=args.vae_batch, ema=False)
         save_params(vae_path, state["params"])
     return vae, convert.unflatten({tuple(k.split("/")): v for k, v in load_safetensors(vae_path)[0].items()})
 
@@ -620,7 +635,7 @@ def unet_stage(args: argparse.Namespace, tok: ClipTokenizer, scenes: Sequence[wo
 
     loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power, args.grounding_weight)
     return train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
-                       batch=args.batch, ema=True, seed=prior, export_only=args.export_only)
+                       batch=args.batch, ema=True, seed=prior, export_only=args.export_only, stop_at=args.stop_at)
 
 
 def main(argv: list[str] | None = None) -> int:
