@@ -20,6 +20,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -373,8 +374,12 @@ def identity_by_method(sd: StableDiffusion, detector: detect.Detector, *, seeds:
             if files:
                 params, _ = neurons_lib.params_with_neurons(sd, [os.path.join(neuron_dir, f) for f in files])
             t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                if not with_layout:  # unguided pairs share the whole image on purpose: no overlap warning
+                    warnings.simplefilter("ignore", layout_lib.LayoutWarning)
+                images = core.draw([lay], seeds, params=params).images
             found = [[subject_traits(detect.find_things(detector, img), SUBJECTS[n]) for n in names]
-                     for img in core.draw([lay], seeds, params=params).images]
+                     for img in images]
             per_k.setdefault(len(names), []).extend(found)
             rows.append(identity_row(label, "+".join(names), found, time.perf_counter() - t0))
             log(format_identity_row(rows[-1]))
