@@ -1,7 +1,7 @@
 """Typed configs: the presets in `cones_jax/configs/` and the one way to override them.
 
 Every constant of a method lives in a config, never as a literal in library code. A config is a
-frozen dataclass (`SamplingConfig`, `ResidualConfig`, `NeuronsConfig`, `DemoModelConfig`) that
+frozen dataclass (`SamplingConfig`, `ResidualConfig`, `NeuronsConfig`, `DemoModelConfig`, `DemoLineageConfig`) that
 also reads like a mapping (`cfg["steps"]`, `cfg.get(...)`, `dict(cfg)`, `"steps" in cfg`), so code
 that takes a plain dict takes a config too.
 
@@ -217,6 +217,14 @@ class NeuronsConfig(Config):
     # Many-subject runs (`train_neurons_many`): devices that hold one copy of the frozen UNet between
     # them (FSDP over the `model` mesh axis); 1 replicates it on every device.
     model_parallel: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoLineageConfig(Config):
+    """The sittings that made the shipped demo model (`python -m cones_jax.demo.retrain`): each a dict
+    of `name` and `runs`, the `cones_jax.demo.base_model` flags of each invocation."""
+
+    sittings: tuple[dict, ...]
 
 
 @dataclasses.dataclass(frozen=True)

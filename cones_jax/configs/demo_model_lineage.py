@@ -10,6 +10,8 @@ Every recipe flag is given, so the lineage does not move when the recipe's defau
 (`demo_base_model.py`) do.
 """
 
+from cones_jax.config import DemoLineageConfig
+
 # The plain recipe of the third run (the first at f = 2), as it then stood.
 _PLAIN = dict(scenes=30000, batch=16, lr=4e-4, weighting="clipped_v",
               single_object_fraction=0.0, timestep_power=0.0, grounding_weight=0.0)
@@ -19,8 +21,8 @@ _SHAPE = dict(_PLAIN, single_object_fraction=0.625, timestep_power=1.0)
 _GROUNDED = dict(_SHAPE, grounding_weight=0.05)
 
 
-def get_config() -> tuple[dict, ...]:
-    return (
+def get_config() -> DemoLineageConfig:
+    return DemoLineageConfig(sittings=(
         # Third run, from scratch at f = 2: the VAE, then the UNet to step 2500 of a 3600-step
         # cosine, resumed in the same workdir with the schedule lengthened to 5400 (5400 steps).
         dict(name="third run", runs=(
@@ -40,4 +42,4 @@ def get_config() -> tuple[dict, ...]:
         dict(name="grounding continued", runs=(dict(_GROUNDED, steps=1200),)),
         # Sixth sitting: 6000 grounded steps; its export is the shipped model (25 000).
         dict(name="sixth sitting", runs=(dict(_GROUNDED, steps=6000),)),
-    )
+    ))

@@ -46,7 +46,7 @@ class Sitting:
 def lineage() -> tuple[dict, ...]:
     from cones_jax.configs import demo_model_lineage
 
-    return demo_model_lineage.get_config()
+    return demo_model_lineage.get_config().sittings
 
 
 def plan(sittings: tuple[dict, ...], scale: float = 1.0) -> list[Sitting]:
