@@ -18,6 +18,7 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -123,6 +124,13 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON with a final newline, written atomically (`atomic_output`)."""
+    with atomic_output(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def check_output_dir(folder: str | os.PathLike, param: str = "out") -> None:

@@ -43,7 +43,7 @@ from cones_jax import convert, training
 from cones_jax.config import load_config, parse_overrides
 from cones_jax.demo import world
 from cones_jax.errors import ConfigError
-from cones_jax.fileio import atomic_output, load_safetensors, save_safetensors
+from cones_jax.fileio import atomic_output, load_safetensors, save_json, save_safetensors
 from cones_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from cones_jax.models.unet import UNet2DConditionModel, UNetConfig, cross_attention_resolutions
 from cones_jax.models.vae import AutoencoderKL, VAEConfig
@@ -368,12 +368,6 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, obj: dict) -> None:
-    with atomic_output(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 TRAINING_RECORD = "demo_training.json"  # in an exported folder; diffusers ignores files it does not know
 
 
@@ -386,27 +380,27 @@ def export(out: str, *, unet_params: Any, text_params: Any, vae_params: Any, sca
     tok = write_clip_tokenizer(os.path.join(out, "tokenizer"), tokenizer_words, max_length=MAX_LENGTH)
     tcfg = text_config(tok.vocab_size)
     os.makedirs(os.path.join(out, "text_encoder"), exist_ok=True)
-    _write_json(os.path.join(out, "text_encoder", "config.json"),
+    save_json(os.path.join(out, "text_encoder", "config.json"),
                 dict(tcfg, architectures=["CLIPTextModel"], torch_dtype="float32"))
     save_safetensors(os.path.join(out, "text_encoder", "model.safetensors"),
                      convert.to_state_dict(text_params, "text_model.", component="text_encoder"), {"format": "pt"})
     for name, cfg, params, cls in (("unet", UNET, unet_params, "UNet2DConditionModel"),
                                    ("vae", dict(VAE, scaling_factor=scaling_factor), vae_params, "AutoencoderKL")):
         os.makedirs(os.path.join(out, name), exist_ok=True)
-        _write_json(os.path.join(out, name, "config.json"), dict(cfg, _class_name=cls))
+        save_json(os.path.join(out, name, "config.json"), dict(cfg, _class_name=cls))
         save_safetensors(os.path.join(out, name, "diffusion_pytorch_model.safetensors"),
                          convert.to_state_dict(params, component=name), {"format": "pt"})
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), dict(SCHEDULER, _class_name="DDIMScheduler"))
-    _write_json(os.path.join(out, "model_index.json"), {
+    save_json(os.path.join(out, "scheduler", "scheduler_config.json"), dict(SCHEDULER, _class_name="DDIMScheduler"))
+    save_json(os.path.join(out, "model_index.json"), {
         "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
-    _write_json(os.path.join(out, TRAINING_RECORD), {"unet_steps": int(unet_steps), "recipe": recipe()})
+    save_json(os.path.join(out, TRAINING_RECORD), {"unet_steps": int(unet_steps), "recipe": recipe()})
     # The training configs made for this model, which train.py applies when the user names none.
-    _write_json(os.path.join(out, training.MODEL_TRAINING_FILE),
+    save_json(os.path.join(out, training.MODEL_TRAINING_FILE),
                 {"residual": "cones2_train_demo", "neurons": "cones1_train_demo"})
 
 
@@ -486,7 +480,7 @@ def sitting_offset(workdir: str, init_from: str | None) -> int:
     if record and os.path.exists(record):
         with open(record) as f:
             prior = int(json.load(f)["unet_steps"])
-    _write_json(path, {"init_from": source, "prior_unet_steps": prior})
+    save_json(path, {"init_from": source, "prior_unet_steps": prior})
     return prior
 
 
@@ -505,7 +499,7 @@ def check_workdir_recipe(workdir: str) -> None:
     elif any(os.path.exists(os.path.join(workdir, n)) for n in ("vae.safetensors", "ckpt_unet")):
         return  # made before workdirs recorded their recipe: nothing to compare against
     else:
-        _write_json(path, want)
+        save_json(path, want)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

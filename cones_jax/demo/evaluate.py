@@ -28,7 +28,7 @@ import numpy as np
 
 from cones_jax import bundled
 from cones_jax import layout as layout_lib
-from cones_jax.config import load_config, parse_override
+from cones_jax.config import load_config, parse_overrides
 from cones_jax.demo import detect, world
 from cones_jax.sampler import LayoutSampler, sample_prompts
 
@@ -150,6 +150,17 @@ def score_image(detector: detect.Detector, image: np.ndarray, case: Case) -> dic
             "confusion": conf / n, "text": float(text)}
 
 
+def thing_in_box(thing: world.Thing, box_px: Sequence[float], rng: np.random.Generator,
+                 fill: tuple[float, float] = (0.6, 0.9)) -> world.Thing:
+    """`thing` drawn inside a layout box (pixels), its side a uniform share `fill` of the box's
+    shorter side, at a uniform spot: what a model that follows the layout would draw."""
+    x0, y0, x1, y1 = box_px
+    side = min(x1 - x0, y1 - y0) * rng.uniform(*fill)
+    # max(0, ...): a box filled whole leaves no room, up to rounding
+    cx, cy = (rng.uniform(lo + side / 2, lo + side / 2 + max(0.0, hi - lo - side)) for lo, hi in ((x0, x1), (y0, y1)))
+    return thing.with_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+
+
 def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: Sequence[int]) -> dict[str, float]:
     """The scores of renders that follow each layout exactly (subjects inside their boxes): what a
     perfect model would get, i.e. the detectors' ceiling on this suite."""
@@ -159,11 +170,7 @@ def ground_truth_check(detector: detect.Detector, cases: Sequence[Case], seeds: 
             rng = np.random.default_rng([s, 77])
             things = []
             for name, box in zip(case.names, case.boxes):
-                x0, y0, x1, y1 = _px(box)
-                side = min(x1 - x0, y1 - y0) * rng.uniform(0.6, 0.9)
-                cx = rng.uniform(x0 + side / 2, x1 - side / 2)
-                cy = rng.uniform(y0 + side / 2, y1 - side / 2)
-                things.append(SUBJECTS[name].with_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)))
+                things.append(thing_in_box(SUBJECTS[name], _px(box), rng))
             image = world.render(world.Scene(tuple(things), BACKGROUND, seed=s))
             rows.append(score_image(detector, image, case))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
@@ -211,6 +218,15 @@ def preset_config(preset: str, overrides: Mapping[str, Any] | None = None, *, st
     guidance_weight, the `overrides`, then a row's `setting_overrides` (fewer steps, γ⁻ off)."""
     overrides = {"guidance_weight": GUIDANCE_WEIGHT, **(overrides or {})}
     return load_config(preset, {**overrides, **setting_overrides(preset, overrides, steps, negative)})
+
+
+def preset_overrides(sets: Sequence[str], presets: Sequence[str]) -> dict:
+    """A command line's `--set key=value` items, checked against every preset they will change
+    (a `ValueError` naming the bad one), before any model loads."""
+    overrides = parse_overrides(sets)
+    for preset in presets:
+        load_config(preset, overrides)
+    return overrides
 
 
 def evaluate(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[int],
@@ -449,9 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"guidance_weight defaults to the demo model's {GUIDANCE_WEIGHT}")
     args = p.parse_args(argv)
     try:
-        overrides = dict(parse_override(s) for s in args.set)
-        for preset in args.presets:
-            load_config(preset, overrides)
+        overrides = preset_overrides(args.set, args.presets)
     except ValueError as e:
         p.error(str(e))
     if args.methods and not args.identity_only:

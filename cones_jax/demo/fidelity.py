@@ -34,7 +34,6 @@ import numpy as np
 
 from cones_jax import bundled
 from cones_jax import layout as layout_lib
-from cones_jax.config import load_config, parse_override
 from cones_jax.demo import detect, evaluate, world
 from cones_jax.sampler import sample_prompts
 
@@ -233,13 +232,8 @@ def render_case(case: LayoutCase, seed: int, fill: tuple[float, float] = (0.6, 0
     """A render that follows the layout: each object solid, inside its box, its side a share `fill`
     (uniform) of the box's side; the default's area ratios spread over 0.36-0.81, median 0.56."""
     rng = np.random.default_rng([seed, 0x6A7])
-    things = []
-    for (shape, colour), box in zip(case.objects, case.boxes):
-        x0, y0, x1, y1 = (v * world.IMAGE_SIZE for v in box)
-        side = min(x1 - x0, y1 - y0) * rng.uniform(*fill)
-        # max(0, ...): a box filled whole leaves no room, up to rounding
-        cx, cy = (lo + side / 2 + rng.random() * max(0.0, hi - lo - side) for lo, hi in ((x0, x1), (y0, y1)))
-        things.append(world.Thing(shape, colour).with_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)))
+    things = [evaluate.thing_in_box(world.Thing(shape, colour), [v * world.IMAGE_SIZE for v in box], rng, fill)
+              for (shape, colour), box in zip(case.objects, case.boxes)]
     return world.render(world.Scene(tuple(things), BACKGROUND, seed=seed))
 
 
@@ -421,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be at least 1")
     try:
-        overrides = dict(parse_override(s) for s in args.set)
-        for preset in args.presets:
-            load_config(preset, overrides)
+        overrides = evaluate.preset_overrides(args.set, args.presets)
     except ValueError as e:
         p.error(str(e).splitlines()[0])
     det = detect.load_detector(args.detector)

@@ -69,6 +69,7 @@ def compose(rows: Sequence[tuple[str, Sequence[np.ndarray]]], scale: int = 3) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cones_jax.cli import run_cli
     from cones_jax.generate import GenerateOptions, clamp_guidance, layout_config, render, save_png
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,23 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.scale < 1:
         p.error(f"--scale must be at least 1, got {args.scale}")
-    try:
+    def job() -> None:
         cfg, lay = layout_config(args.preset, layout_lib.load_layout(bundled.resolve_layout(args.layout)), {})
         rows = subject_photos(lay, args.photos)
         cfg, lay, _ = clamp_guidance(cfg, lay)
         drawn = render(lay, cfg, args.seeds, GenerateOptions(progress=False), args.model, log=print)
-    except ConesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    images = list(drawn.images)
-    # A light tint: the figure is there to show the objects under the boxes.
-    boxed = [np.asarray(layout_lib.draw_layout(Image.fromarray(img), lay, prep.masks, alpha=0.12))
-             for img, prep in zip(images, drawn.prepared)]
-    rows += [(f'"{lay.prompt}", seeds {" ".join(map(str, args.seeds))}', images), ("with the layout", boxed)]
-    figure = compose(rows, args.scale)
-    save_png(args.out, figure)
-    print(f"wrote {args.out} ({figure.width}x{figure.height})")
-    return 0
+        images = list(drawn.images)
+        # A light tint: the figure is there to show the objects under the boxes.
+        boxed = [np.asarray(layout_lib.draw_layout(Image.fromarray(img), lay, prep.masks, alpha=0.12))
+                 for img, prep in zip(images, drawn.prepared)]
+        rows += [(f'"{lay.prompt}", seeds {" ".join(map(str, args.seeds))}', images), ("with the layout", boxed)]
+        figure = compose(rows, args.scale)
+        save_png(args.out, figure)
+        print(f"wrote {args.out} ({figure.width}x{figure.height})")
+
+    return run_cli(job, parser=p)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from cones_jax.errors import ConfigError
+from cones_jax.fileio import save_json
 
 LOG_FILE = "retrain_log.json"  # in --out
 TIME_FILE = "retrain_time.json"  # in a sitting's workdir: its wall time over all attempts
@@ -93,12 +94,10 @@ def _read_seconds(workdir: str) -> float:
         return float(json.load(f)["seconds"])
 
 
-def _write_json(path: str, obj: dict) -> None:
-    from cones_jax.fileio import atomic_output
-
-    with atomic_output(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def sitting_argvs(s: Sitting, workdir: str, init_from: str | None) -> list[list[str]]:
+    """The base_model argv of each of the sitting's invocations, exporting to `workdir/export`."""
+    start = ["--workdir", workdir, "--out", os.path.join(workdir, "export")]
+    return [start + (["--init-from", init_from] if init_from else []) + flags(run) for run in s.runs]
 
 
 def run_sitting(s: Sitting, workdir: str, init_from: str | None) -> list[list[str]]:
@@ -107,10 +106,8 @@ def run_sitting(s: Sitting, workdir: str, init_from: str | None) -> list[list[st
     from cones_jax.demo import base_model
 
     export = os.path.join(workdir, "export")
-    argvs = []
-    for i, run in enumerate(s.runs):
-        argv = ["--workdir", workdir, "--out", export] + (["--init-from", init_from] if init_from else []) + flags(run)
-        argvs.append(argv)
+    argvs = sitting_argvs(s, workdir, init_from)
+    for i, (run, argv) in enumerate(zip(s.runs, argvs)):
         done = recorded_steps(export)
         if i < len(s.runs) - 1 and done is not None and done >= s.reached(run):
             continue  # an earlier part of the sitting, exported before an interruption
@@ -120,7 +117,7 @@ def run_sitting(s: Sitting, workdir: str, init_from: str | None) -> list[list[st
             rc = base_model.main(argv)
         finally:
             os.makedirs(workdir, exist_ok=True)
-            _write_json(os.path.join(workdir, TIME_FILE), {"seconds": _read_seconds(workdir) + time.time() - t0})
+            save_json(os.path.join(workdir, TIME_FILE), {"seconds": _read_seconds(workdir) + time.time() - t0})
         if rc:
             raise SystemExit(rc)
         if recorded_steps(export) != s.reached(run):
@@ -144,7 +141,7 @@ def replace_folder(src: str, out: str, extra: dict[str, dict]) -> None:
         os.chmod(tmp, 0o777 & ~umask)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         for name, obj in extra.items():
-            _write_json(os.path.join(tmp, name), obj)
+            save_json(os.path.join(tmp, name), obj)
         if os.path.exists(real):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.", suffix=".old", dir=parent)
             os.rmdir(old)
@@ -173,8 +170,7 @@ def retrain(workdir: str, out: str, *, sittings: int | None = None, scale: float
         skipped = recorded_steps(export) == s.total
         if skipped:
             _log(f"sitting {s.index} ({s.name}): done, {export} holds {s.total} UNet steps")
-            argvs = [["--workdir", sdir, "--out", export] + (["--init-from", init_from] if init_from else [])
-                     + flags(run) for run in s.runs]
+            argvs = sitting_argvs(s, sdir, init_from)
         else:
             argvs = run_sitting(s, sdir, init_from)
         seconds = _read_seconds(sdir)
@@ -214,15 +210,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from cones_jax.cli import run_cli
     from cones_jax.fileio import check_output_dir
 
-    try:
+    def job() -> None:
         check_output_dir(args.out, "--out")
         retrain(args.workdir, args.out, sittings=args.sittings, scale=args.scale)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":
