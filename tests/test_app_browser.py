@@ -24,6 +24,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PROMPT = "a star and a heart on a grey background"
+PAGE_PARTS = ("#cones-canvas canvas", "#cones-generate", "#cones-message", "#cones-word-check",
+              "#cones-prompt textarea", "#cones-steps input", "#cones-seeds textarea",
+              "#cones-attention input[type=checkbox]", "#cones-save", "#cones-upload input[type=file]")
 
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip(f"no browser: {CHROMIUM} and {CHROMEDRIVER} are needed (Debian: apt-get install -y chromium "
@@ -133,7 +136,11 @@ def test_draw_generate_and_download_the_layout(app, browser):
     url, out, cwd = app
     t0 = time.time()
     browser.get(url)
-    canvas = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#cones-canvas canvas"), 60)
+    # Gradio mounts its components one by one after the page loads: wait for every one the test
+    # touches, not only the first, or a slow machine finds the canvas before the buttons exist.
+    wait(browser, lambda d: all(d.find_elements(By.CSS_SELECTOR, css) for css in PAGE_PARTS), 60,
+         told=lambda d: "missing: " + ", ".join(c for c in PAGE_PARTS if not d.find_elements(By.CSS_SELECTOR, c)))
+    canvas = browser.find_element(By.CSS_SELECTOR, "#cones-canvas canvas")
     browser.find_element(By.ID, "cones-generate").click()  # nothing drawn yet: told in the page
     wait(browser, lambda d: "no box" in d.find_element(By.ID, "cones-message").text, told=page_text)
     drag(browser, canvas, (0.05, 0.2), (0.45, 0.8))
