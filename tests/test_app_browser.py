@@ -106,6 +106,10 @@ def wait(driver, what, timeout=30, told=None):
         pytest.fail(f"timed out after {timeout} s; {told(driver) if told else ''}")
 
 
+def missing_parts(driver):
+    return [css for css in PAGE_PARTS if not driver.find_elements(By.CSS_SELECTOR, css)]
+
+
 def page_text(driver):
     return " | ".join(driver.find_element(By.ID, i).text for i in ("cones-word-check", "cones-message"))
 
@@ -137,8 +141,7 @@ def test_draw_generate_and_download_the_layout(app, browser):
     browser.get(url)
     # Gradio mounts its components one by one after the page loads: wait for every one the test
     # touches, not only the first, or a slow machine finds the canvas before the buttons exist.
-    wait(browser, lambda d: all(d.find_elements(By.CSS_SELECTOR, css) for css in PAGE_PARTS), 60,
-         told=lambda d: "missing: " + ", ".join(c for c in PAGE_PARTS if not d.find_elements(By.CSS_SELECTOR, c)))
+    wait(browser, lambda d: not missing_parts(d), 60, told=lambda d: f"missing: {', '.join(missing_parts(d))}")
     canvas = browser.find_element(By.CSS_SELECTOR, "#cones-canvas canvas")
     browser.find_element(By.ID, "cones-generate").click()  # nothing drawn yet: told in the page
     wait(browser, lambda d: "no box" in d.find_element(By.ID, "cones-message").text, told=page_text)

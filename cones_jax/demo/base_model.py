@@ -381,7 +381,7 @@ def export(out: str, *, unet_params: Any, text_params: Any, vae_params: Any, sca
     tcfg = text_config(tok.vocab_size)
     os.makedirs(os.path.join(out, "text_encoder"), exist_ok=True)
     save_json(os.path.join(out, "text_encoder", "config.json"),
-                dict(tcfg, architectures=["CLIPTextModel"], torch_dtype="float32"))
+              dict(tcfg, architectures=["CLIPTextModel"], torch_dtype="float32"))
     save_safetensors(os.path.join(out, "text_encoder", "model.safetensors"),
                      convert.to_state_dict(text_params, "text_model.", component="text_encoder"), {"format": "pt"})
     for name, cfg, params, cls in (("unet", UNET, unet_params, "UNet2DConditionModel"),
@@ -401,7 +401,7 @@ def export(out: str, *, unet_params: Any, text_params: Any, vae_params: Any, sca
     save_json(os.path.join(out, TRAINING_RECORD), {"unet_steps": int(unet_steps), "recipe": recipe()})
     # The training configs made for this model, which train.py applies when the user names none.
     save_json(os.path.join(out, training.MODEL_TRAINING_FILE),
-                {"residual": "cones2_train_demo", "neurons": "cones1_train_demo"})
+              {"residual": "cones2_train_demo", "neurons": "cones1_train_demo"})
 
 
 # --------------------------------------------------------------------------------------------
