@@ -174,10 +174,11 @@ def test_layout_guidance_places_subjects_better_than_none():
 
 def test_concept_neurons_render_their_subjects():
     """A small run of the identity comparison on the shipped model and its shipped concept neurons:
-    with a subject's neurons shut, its identifier prompt ("a sks star") draws the subject's shape, in
-    the colour no prompt names, more often than the base model does on that prompt; with a pair's two
-    sets concatenated, "a sks star and a zwx heart" draws both shapes more often. (The pairs' colours
-    are not asserted: 17% against 9% over 16 seeds, BENCHMARKS.md.)"""
+    with a subject's neurons shut, its identifier prompt ("a sks star") draws more of the subject's
+    traits than the base model does on that prompt (shape, colour, pattern, outline, eyes: 2.2 of 5
+    a subject against 1.5 over 16 seeds, BENCHMARKS.md; 1.9 against 1.25 on these 4); with a pair's
+    two sets concatenated, "a sks star and a zwx heart" draws both shapes more often (69% against 44%
+    over 16 seeds; 88% against 38% on these 4)."""
     from cones_jax.pipeline import load_pipeline
 
     det = detect.load_detector(DETECTOR)
@@ -187,17 +188,16 @@ def test_concept_neurons_render_their_subjects():
                                        log=lambda *_: None)
     by = {(r["method"], r["group"]): r for r in rows}
     base, shut = (by[(m, "mean, 1 per image")] for m in ("base model, identifier prompt", "concept neurons"))
-    assert shut["shape"] >= base["shape"] + 0.2, (base, shut)
-    assert shut["colour"] >= base["colour"] + 0.2, (base, shut)
+    assert sum(shut[t] for t in evaluate.LOOK) >= sum(base[t] for t in evaluate.LOOK) + 0.3, (base, shut)
     base, shut = (by[(m, "mean, 2 per image")] for m in ("base model, identifier prompt", "concept neurons"))
-    assert shut["all_shape"] >= base["all_shape"] + 0.2, (base, shut)
+    assert shut["all_shape"] >= base["all_shape"] + 0.1, (base, shut)
 
 
 def test_residuals_render_their_subjects():
     """A small run of the identity comparison on the shipped residuals: on the class prompt ("a
     star"), each subject's residual at its word draws the subject's shape in its colour, which no
-    word asks for, far more often than the base model does (BENCHMARKS.md: 78% against 6% over 16
-    seeds; 69% on these 4)."""
+    word asks for, far more often than the base model does (BENCHMARKS.md: 72% against 14% over 16
+    seeds; 88% against 25% on these 4)."""
     from cones_jax.pipeline import load_pipeline
 
     det = detect.load_detector(DETECTOR)
