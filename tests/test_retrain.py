@@ -124,7 +124,7 @@ def test_retrain_replays_the_sittings_and_resumes(tmp_path, monkeypatch, capsys)
 
 
 def test_retrain_refuses_bad_options(capsys):
-    for argv, msg in ((["--sittings", "0"], "--sittings 0 is not in [1, 6]"),
+    for argv, msg in ((["--sittings", "0"], f"--sittings 0 is not in [1, {len(retrain.lineage())}]"),
                       (["--scale", "0"], "--scale 0.0 is not positive")):
         with pytest.raises(SystemExit) as e:
             retrain.main(["--workdir", "unused", "--out", "unused"] + argv)
