@@ -71,6 +71,23 @@ def test_layout_of_case_guides_each_shape_word_to_its_box():
     assert evaluate.preset_config("official", {"guidance_weight": 0.5}, steps=4)["guidance_weight"] == 0.5
 
 
+def test_size_words_name_the_world_size_nearest_each_box():
+    # the world draws small objects 13-17 px and big ones 23-29 px of 64
+    assert [fidelity.size_word(s) for s in (0.18, 0.25, 0.29, 0.33, 0.4, 0.5)] == ["small"] * 3 + ["big"] * 3
+    plain = fidelity.layout_set(fidelity.DEV_SEED, {3: 4})
+    sized = fidelity.layout_set(fidelity.DEV_SEED, {3: 4}, size_words=True)
+    assert [(c.objects, c.boxes) for c in plain] == [(c.objects, c.boxes) for c in sized]  # the prompts alone differ
+    for case in sized:
+        words = [fidelity.size_word(b[2] - b[0]) for b in case.boxes]
+        assert "small" in words  # every layout of 3 has a box of at most 0.25
+        phrases = [f"a {w} {c} {s}" for w, (s, c) in zip(words, case.objects)]
+        assert case.prompt == world.join_phrases(phrases) + " on a grey background"
+        lay = fidelity.layout_of_case(case, strength=1.0)
+        assert [s.word for s in lay.subjects] == [s for s, _ in case.objects]
+    with pytest.raises(ValueError, match="2 size words for 1 objects"):
+        fidelity.objects_prompt((("star", "red"),), sizes=["big", "small"])
+
+
 def test_multi_object_prompts_name_distinct_coloured_objects():
     sets = fidelity.multi_object_prompts(4, 10, fidelity.DEV_SEED)
     assert sets == fidelity.multi_object_prompts(4, 10, fidelity.DEV_SEED)

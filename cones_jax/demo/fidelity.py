@@ -72,20 +72,36 @@ GOALS = {
 Objects = tuple[tuple[str, str], ...]  # (shape, colour) of each object, in prompt order
 
 
-def objects_prompt(objects: Objects, background: str = BACKGROUND) -> str:
-    """The captions' form of a scene without sizes or patterns: "a red star and a blue circle on a
-    grey background" (world.caption keeps the background in most captions and drops sizes half the time)."""
-    return world.join_phrases([f"a {colour} {shape}" for shape, colour in objects]) + f" on a {background} background"
+def size_word(side: float) -> str:
+    """The world's size word for an object drawn in a square box of `side` (a fraction of the image):
+    the one whose drawn side (world.SIZES) is nearer to it on a log scale, so that its area ratio is
+    nearer 1 (the two meet at about 0.31 of the image)."""
+    mids = {name: (lo + hi) / 2 / world.IMAGE_SIZE for name, (lo, hi) in world.SIZES.items()}
+    return min(mids, key=lambda name: abs(math.log(side / mids[name])))
+
+
+def objects_prompt(objects: Objects, background: str = BACKGROUND, sizes: Sequence[str] | None = None) -> str:
+    """The captions' form of a scene without patterns: "a red star and a blue circle on a grey
+    background", or with `sizes` (one world size word per object) "a small red star and a big blue
+    circle on a grey background" (world.caption keeps the background in most captions and the size
+    words in half)."""
+    sizes = [None] * len(objects) if sizes is None else list(sizes)
+    if len(sizes) != len(objects):
+        raise ValueError(f"{len(sizes)} size words for {len(objects)} objects")
+    phrases = [" ".join(w for w in ("a", size, colour, shape) if w) for (shape, colour), size in zip(objects, sizes)]
+    return world.join_phrases(phrases) + f" on a {background} background"
 
 
 @dataclasses.dataclass(frozen=True)
 class LayoutCase:
     objects: Objects                                      # in box order: left to right
     boxes: tuple[tuple[float, float, float, float], ...]  # (x0, y0, x1, y1), fractions of the image
+    size_words: bool = False                              # the prompt names each box's `size_word`
 
     @property
     def prompt(self) -> str:
-        return objects_prompt(self.objects)
+        sizes = [size_word(b[2] - b[0]) for b in self.boxes] if self.size_words else None
+        return objects_prompt(self.objects, sizes=sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,19 +171,19 @@ def random_layout_case(rng: np.random.Generator, k: int) -> LayoutCase:
     return LayoutCase(tuple(objects[i] for i in order), tuple(boxes[i] for i in order))
 
 
-def layout_set(seed: int, counts: Mapping[int, int] | None = None) -> list[LayoutCase]:
+def layout_set(seed: int, counts: Mapping[int, int] | None = None, *, size_words: bool = False) -> list[LayoutCase]:
     """counts[k] layouts of k objects for each k (default DEFAULT_COUNTS): distinct shapes and colours,
     square boxes inside the image that keep apart, sides 0.18-0.5 of the image, unequal within a
     layout, one of at most 0.25 in every layout of 3 or more, at least one box per layout in a corner.
-    Each layout depends on (seed, k, its index) alone. Tune on DEV_SEED; HELD_OUT_SEED is for the
-    reported numbers only and is never used while tuning."""
+    Each layout depends on (seed, k, its index) alone; `size_words` changes the prompts alone. Tune on
+    DEV_SEED; HELD_OUT_SEED is for the reported numbers only and is never used while tuning."""
     counts = DEFAULT_COUNTS if counts is None else counts
     cases = []
     for k in sorted(counts):
         if not 1 <= k <= len(world.SHAPES):
             raise ValueError(f"layouts of {k} objects: the world has {len(world.SHAPES)} shapes")
         cases += [random_layout_case(np.random.default_rng([seed, 0x1A7, k, i]), k) for i in range(counts[k])]
-    return cases
+    return [dataclasses.replace(c, size_words=True) for c in cases] if size_words else cases
 
 
 def layout_of_case(case: LayoutCase, *, strength: float) -> layout_lib.Layout:
@@ -357,11 +373,12 @@ def format_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
 
 def measure(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[int], layout_seed: int,
             counts: Mapping[int, int], presets: Sequence[str], overrides: Mapping[str, Any] | None = None,
-            steps: int | None = None, prompts: int = 16, base: bool = True,
+            steps: int | None = None, prompts: int = 16, base: bool = True, size_words: bool = False,
             log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Every gate (the base model's with `base`), in the form `gate_rows` reads."""
+    """Every gate (the base model's with `base`), in the form `gate_rows` reads; `size_words`: the
+    layouts' prompts name each object's size (`size_word`)."""
     t0 = time.time()
-    cases = layout_set(layout_seed, counts)
+    cases = layout_set(layout_seed, counts, size_words=size_words)
     out: dict[str, Any] = {"ceiling": ground_truth_check(detector, cases, seeds)}
     if base:
         out["single"] = evaluate.single_object_gate(sd, detector, seeds, steps=steps or 25)
@@ -410,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a value of every preset (e.g. guidance_weight=0.5); "
                         f"guidance_weight defaults to the demo model's {evaluate.GUIDANCE_WEIGHT}")
     p.add_argument("--skip-base", action="store_true", help="skip the base model's gates (single objects, text)")
+    p.add_argument("--size-words", action="store_true",
+                   help='the layouts\' prompts name each object\'s size for its box ("a small red star and a big ...")')
     args = p.parse_args(argv)
     for name in ("seeds", "prompts", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -422,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     sd = load_pipeline(args.model)
     measured = measure(sd, det, seeds=list(range(args.seeds)), layout_seed=LAYOUT_SEEDS[args.layouts],
                        counts=args.counts, presets=args.presets, overrides=overrides, steps=args.steps,
-                       prompts=args.prompts, base=not args.skip_base, log=lambda s: print(s, file=sys.stderr))
-    print(f"fidelity gates, {args.layouts} layouts {args.counts}, {args.seeds} seed(s), model {args.model}")
+                       prompts=args.prompts, base=not args.skip_base, size_words=args.size_words,
+                       log=lambda s: print(s, file=sys.stderr))
+    print(f"fidelity gates, {args.layouts} layouts {args.counts}{', size words' if args.size_words else ''}, "
+          f"{args.seeds} seed(s), model {args.model}")
     print(format_table(gate_rows(measured)))
     return 0
 
