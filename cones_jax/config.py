@@ -240,6 +240,7 @@ class DemoModelConfig(Config):
     batch: int
     lr: float
     single_object_fraction: float
+    multi_object_fraction: float
     weighting: Literal["clipped_v", "min_snr"]
     timestep_power: float
     grounding_weight: float

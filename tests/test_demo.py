@@ -273,6 +273,29 @@ def test_single_object_batches_add_to_the_old_draw(capsys):
     assert "--single-object-fraction 1.5 is not in [0, 1]" in capsys.readouterr().err
 
 
+def test_crowded_batches_add_to_the_single_object_draw(capsys):
+    scenes = [world.random_scene(i) for i in range(200)]
+    singles = np.flatnonzero([len(s.things) == 1 for s in scenes])
+    multis = np.flatnonzero([len(s.things) >= base_model.CROWDED for s in scenes])
+    for s in range(3):  # no crowded share: the single-object runs' data order, unchanged
+        np.testing.assert_array_equal(base_model.unet_batch_indices(s, 16, 200, singles, 5, 7, multis, 0),
+                                      base_model.unet_batch_indices(s, 16, 200, singles, 5, 7))
+    seen = []
+    for s in range(len(multis)):
+        idx = base_model.unet_batch_indices(s, 16, 200, singles, 5, 7, multis, 6)
+        assert len(idx) == 16 and list(idx) == sorted(idx)
+        counts = [len(scenes[i].things) for i in idx]
+        assert counts.count(1) >= 5 and sum(c >= 3 for c in counts) >= 6
+        seen += list(idx)
+    assert set(multis) <= set(seen)
+    for argv, msg in ((["--multi-object-fraction", "-0.1"], "--multi-object-fraction -0.1 is not in [0, 1 - "),
+                      (["--single-object-fraction", "0.5", "--multi-object-fraction", "0.6"],
+                       "--multi-object-fraction 0.6 is not in [0, 1 - --single-object-fraction 0.5]")):
+        with pytest.raises(SystemExit):
+            base_model.main(["--workdir", "unused", *argv])
+        assert msg in capsys.readouterr().err
+
+
 def test_timestep_power_trains_more_on_high_noise(capsys):
     key = jax.random.PRNGKey(0)
     np.testing.assert_array_equal(base_model.sample_timesteps(key, 64, 1000, 0.0),

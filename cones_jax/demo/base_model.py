@@ -12,9 +12,10 @@ Training has three stages, each resumable from `workdir`:
   3. train the UNet and the text encoder together on the cached latents: v-prediction on a cosine
      schedule, clipped-v loss weights (`--weighting min_snr` for min-SNR-5), captions with word
      drop-out, 10% empty for classifier-free guidance, EMA weights. Options draw more high-noise
-     timesteps (`--timestep-power`), add single-object batches (`--single-object-fraction`) and a
-     token grounding loss (`--grounding-weight`); `--init-from` continues from an exported folder, and
-     `--stop-at N` stops at step N of a schedule that spans `--steps` (a later run resumes it).
+     timesteps (`--timestep-power`), add single-object and crowded batches (`--single-object-fraction`,
+     `--multi-object-fraction`) and a token grounding loss (`--grounding-weight`); `--init-from`
+     continues from an exported folder, and `--stop-at N` stops at step N of a schedule that spans
+     `--steps` (a later run resumes it).
 `export` writes the EMA weights as a diffusers folder that PyTorch diffusers loads, with a record of
 the UNet steps they have had.
 
@@ -238,19 +239,26 @@ def clipped_v_weight(alphas_cumprod_T: jax.Array, t_B: jax.Array, gamma: float =
     return jnp.minimum(snr + 1.0, gamma) / (snr + 1.0)
 
 
-# Seeds of the UNet stage's two data draws, each offset by the steps the weights had before the sitting.
+# Seeds of the UNet stage's three data draws, each offset by the steps the weights had before the sitting.
 DATA_SEED = 2
 SINGLES_SEED = 7919
+MULTIS_SEED = 104729
+# A crowded scene, for --multi-object-fraction: the counts at which text alignment and placement fail.
+CROWDED = 3
 
 
 def unet_batch_indices(step: int, batch: int, n_scenes: int, singles: np.ndarray, n_single: int,
-                       prior: int) -> np.ndarray:
-    """The scenes of UNet batch `step` (sorted): `batch - n_single` from all scenes, and `n_single`
-    more from the single-object ones (`singles`, their indices), each an endless run of shuffles.
-    With `n_single` 0 it is the draw of every run made before single-object batches existed."""
-    idx = training.batch_indices(step, batch - n_single, n_scenes, seed=DATA_SEED + prior)
+                       prior: int, multis: np.ndarray | None = None, n_multi: int = 0) -> np.ndarray:
+    """The scenes of UNet batch `step` (sorted): `batch - n_single - n_multi` from all scenes,
+    `n_single` more from the single-object ones (`singles`, their indices) and `n_multi` from the
+    crowded ones (`multis`), each an endless run of shuffles. With `n_single` and `n_multi` 0 it is
+    the draw of every run made before either existed; with `n_multi` 0, that of every run before
+    crowded batches."""
+    idx = training.batch_indices(step, batch - n_single - n_multi, n_scenes, seed=DATA_SEED + prior)
     if n_single:
         idx += singles[training.batch_indices(step, n_single, len(singles), seed=SINGLES_SEED + prior)].tolist()
+    if n_multi:
+        idx += multis[training.batch_indices(step, n_multi, len(multis), seed=MULTIS_SEED + prior)].tolist()
     return np.sort(idx)
 
 
@@ -517,6 +525,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of each UNet batch drawn from the single-object scenes alone, the rest from all scenes "
                         "(default 0: all from all scenes, of which 35%% hold one object); a one-object caption "
                         "binds its shape word to one shape without ambiguity")
+    p.add_argument("--multi-object-fraction", type=float, metavar="F",
+                   help=f"share of each UNet batch drawn from the scenes of {CROWDED} or more objects alone "
+                        "(default 0; 35%% of all scenes hold that many), where a model learns to draw every object "
+                        "a crowded caption names")
     p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS),
                    help="per-timestep loss weight of the UNet stage")
     p.add_argument("--timestep-power", type=float, metavar="K",
@@ -553,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stop-at {args.stop_at} is not in [1, --steps {args.steps}]")
     if not 0.0 <= args.single_object_fraction <= 1.0:
         p.error(f"--single-object-fraction {args.single_object_fraction} is not in [0, 1]")
+    if not 0.0 <= args.multi_object_fraction <= 1.0 - args.single_object_fraction:
+        p.error(f"--multi-object-fraction {args.multi_object_fraction} is not in [0, 1 - --single-object-fraction "
+                f"{args.single_object_fraction}]")
     if args.timestep_power < 0.0:
         p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
     if args.grounding_weight < 0.0:
@@ -614,12 +629,14 @@ def unet_stage(args: argparse.Namespace, tok: ClipTokenizer, scenes: Sequence[wo
 
     singles = np.flatnonzero([len(s.things) == 1 for s in scenes])
     n_single = round(args.single_object_fraction * args.batch)
+    multis = np.flatnonzero([len(s.things) >= CROWDED for s in scenes])
+    n_multi = round(args.multi_object_fraction * args.batch)
 
     sides = cross_attention_sides(unet)
     word_ids = grounded_word_ids(tok)
 
     def batches(step: int):
-        idx = unet_batch_indices(step, args.batch, len(mean), singles, n_single, prior)
+        idx = unet_batch_indices(step, args.batch, len(mean), singles, n_single, prior, multis, n_multi)
         rng = training.data_rng(step, seed=DATA_SEED + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         batch = {"mean": mean[idx], "std": std[idx], "ids": ids}
