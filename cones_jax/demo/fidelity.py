@@ -85,10 +85,13 @@ def objects_prompt(objects: Objects, background: str = BACKGROUND, sizes: Sequen
     background", or with `sizes` (one world size word per object) "a small red star and a big blue
     circle on a grey background" (world.caption keeps the background in most captions and the size
     words in half)."""
-    sizes = [None] * len(objects) if sizes is None else list(sizes)
-    if len(sizes) != len(objects):
-        raise ValueError(f"{len(sizes)} size words for {len(objects)} objects")
-    phrases = [" ".join(w for w in ("a", size, colour, shape) if w) for (shape, colour), size in zip(objects, sizes)]
+    things = [world.Thing(shape, colour) for shape, colour in objects]
+    if sizes is not None:
+        if len(sizes) != len(objects):
+            raise ValueError(f"{len(sizes)} size words for {len(objects)} objects")
+        things = [dataclasses.replace(t, size=size) for t, size in zip(things, sizes)]
+    # world.describe, so that the words come in the captions' order
+    phrases = [world.describe(t, size=sizes is not None) for t in things]
     return world.join_phrases(phrases) + f" on a {background} background"
 
 
