@@ -241,6 +241,7 @@ class DemoModelConfig(Config):
     lr: float
     single_object_fraction: float
     multi_object_fraction: float
+    scene_sizes: Literal["words", "continuous"]
     weighting: Literal["clipped_v", "min_snr"]
     timestep_power: float
     grounding_weight: float

@@ -2,6 +2,7 @@
 renders, and the base model's diffusers export (PyTorch diffusers loads it and computes what we do)."""
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -31,6 +32,39 @@ def test_scenes_are_deterministic_and_captioned():
         for u in a.things[i + 1:]:
             assert detect._overlap(t.box, u.box) == 0
     assert world.caption(a, np.random.default_rng(0)) == world.caption(a, np.random.default_rng(0))
+
+
+def test_words_scenes_are_those_every_sitting_trained_on():
+    # sha256 of the first 300 scenes as the world drew them before continuous sizes existed: the
+    # "words" default must keep every recorded sitting's data (demo_model_lineage.py) bit for bit.
+    got = hashlib.sha256(repr([world.random_scene(i) for i in range(300)]).encode()).hexdigest()
+    assert got == "3567cda8f02e4a4d8f46361cfef04111a381caa7d7f2688ab0c42b69696e4472"
+
+
+def test_continuous_scene_sizes_span_the_layouts_boxes():
+    words = [world.random_scene(i) for i in range(400)]
+    cont = [world.random_scene(i, sizes="continuous") for i in range(400)]
+    sides, same = [], 0
+    for w, c in zip(words, cont):
+        # the same things are drawn; only their sides, boxes and size words follow the side (a crowded
+        # scene may drop a thing that found no room in one of the two)
+        if len(w.things) == len(c.things):
+            assert [(t.shape, t.colour, t.pattern) for t in c.things] == [(t.shape, t.colour, t.pattern)
+                                                                        for t in w.things]
+            same += 1
+        for i, t in enumerate(c.things):
+            side = t.box[2] - t.box[0]
+            assert world.CONTINUOUS_SIDES[0] - 1e-6 <= side <= world.CONTINUOUS_SIDES[1]
+            assert t.size == ("small" if side < (15 * 26) ** 0.5 else "big")  # the words' middles 15, 26 px
+            for u in c.things[i + 1:]:
+                assert detect._overlap(t.box, u.box) == 0
+            sides.append(side)
+    assert same >= 0.9 * len(words)
+    q10, q50, q90 = np.percentile(sides, [10, 50, 90])
+    # the words' gap (17-23 px) and both ends beyond the words' ranges (13-29 px) are drawn
+    assert q10 < 13 and 17 < q50 < 23 and q90 > 27 and max(sides) > 30, (q10, q50, q90)
+    with pytest.raises(ValueError, match="scene sizes 'huge' is not one of words, continuous"):
+        world.random_scene(0, sizes="huge")
 
 
 def test_shipped_detector_on_held_out_renders():
@@ -231,6 +265,10 @@ def test_workdir_of_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
     os.makedirs(work)
     base_model.check_workdir_recipe(work)  # records this recipe
     base_model.check_workdir_recipe(work)  # and accepts it again
+    assert base_model.parse_args(["--workdir", work]).scene_sizes == "words"
+    assert base_model.parse_args(["--workdir", work, "--scene-sizes", "continuous"]).scene_sizes == "continuous"
+    with pytest.raises(ValueError, match=r"another recipe \(scene_sizes differ\)"):
+        base_model.check_workdir_recipe(work, "continuous")  # its images are the other scenes
     monkeypatch.setitem(base_model.UNET, "block_out_channels", [8, 16, 32])
     with pytest.raises(ValueError, match=r"another recipe \(unet differ\)"):
         base_model.check_workdir_recipe(work)

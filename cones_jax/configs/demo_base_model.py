@@ -31,6 +31,7 @@ def get_config() -> DemoModelConfig:
         lr=3e-4,
         single_object_fraction=0.0,    # share of each UNet batch from one-object scenes alone
         multi_object_fraction=0.0,     # share of each UNet batch from scenes of 3+ objects alone
+        scene_sizes="words",           # object sides: the size words' ranges, or "continuous"
         weighting="clipped_v",         # per-timestep loss weight
         timestep_power=0.0,            # timesteps with density ∝ (t/T)^K; 0 is uniform
         grounding_weight=0.0,          # weight of the token grounding loss; 0 is none

@@ -106,8 +106,9 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def render_dataset(path: str, n: int, seed0: int = 0, chunk: int = 2000) -> np.ndarray:
-    """Renders scenes seed0 .. seed0+n-1 into a uint8 [n, 64, 64, 3] .npy file (resumable by chunks)."""
+def render_dataset(path: str, n: int, seed0: int = 0, chunk: int = 2000, sizes: str = "words") -> np.ndarray:
+    """Renders scenes seed0 .. seed0+n-1 (`world.random_scene` with `sizes`) into a uint8
+    [n, 64, 64, 3] .npy file (resumable by chunks)."""
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
     parts_dir = path + ".parts"
@@ -118,7 +119,7 @@ def render_dataset(path: str, n: int, seed0: int = 0, chunk: int = 2000) -> np.n
         part = os.path.join(parts_dir, f"{start:08d}.npy")
         if os.path.exists(part):
             continue
-        imgs, _ = world.render_batch(range(seed0 + start, seed0 + min(start + chunk, n)))
+        imgs, _ = world.render_batch(range(seed0 + start, seed0 + min(start + chunk, n)), sizes=sizes)
         with atomic_output(part) as f:
             np.save(f, imgs)
     data = np.concatenate([np.load(os.path.join(parts_dir, f"{s:08d}.npy")) for s in range(0, n, chunk)])
@@ -462,9 +463,13 @@ def param_shapes(vocab_size: int) -> dict:
             for name, args in init_inputs().items()}
 
 
-def recipe() -> dict:
-    """What a workdir's VAE, latents and checkpoints depend on."""
-    return {"vae": VAE, "unet": UNET, "scheduler": SCHEDULER, "kl_weight": KL_WEIGHT, "text": text_config(0)}
+def recipe(scene_sizes: str = "words") -> dict:
+    """What a workdir's scenes, VAE, latents and checkpoints depend on (the scene sizes only when not
+    the default, so that workdirs made before the option still match)."""
+    out = {"vae": VAE, "unet": UNET, "scheduler": SCHEDULER, "kl_weight": KL_WEIGHT, "text": text_config(0)}
+    if scene_sizes != "words":
+        out["scene_sizes"] = scene_sizes
+    return out
 
 
 def sitting_offset(workdir: str, init_from: str | None) -> int:
@@ -492,11 +497,11 @@ def sitting_offset(workdir: str, init_from: str | None) -> int:
     return prior
 
 
-def check_workdir_recipe(workdir: str) -> None:
+def check_workdir_recipe(workdir: str, scene_sizes: str = "words") -> None:
     """Records the recipe in a new workdir; a workdir another recipe made is an error (its checkpoints
     would not restore into this recipe's trees, and its latents would be another VAE's)."""
     path = os.path.join(workdir, "recipe.json")
-    want = json.loads(json.dumps(recipe()))
+    want = json.loads(json.dumps(recipe(scene_sizes)))
     if os.path.exists(path):
         with open(path) as f:
             got = json.load(f)
@@ -529,6 +534,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"share of each UNet batch drawn from the scenes of {CROWDED} or more objects alone "
                         "(default 0; 35%% of all scenes hold that many), where a model learns to draw every object "
                         "a crowded caption names")
+    p.add_argument("--scene-sizes", choices=world.SCENE_SIZES,
+                   help="object sides of the rendered scenes: 'words' (default), the two size words' ranges "
+                        "(small 13-17 px, big 23-29 px at 64 px); 'continuous', uniform over 11-32 px, the span of "
+                        "the layouts' boxes, each named by the nearer size word")
     p.add_argument("--weighting", choices=sorted(LOSS_WEIGHTS),
                    help="per-timestep loss weight of the UNet stage")
     p.add_argument("--timestep-power", type=float, metavar="K",
@@ -663,13 +672,13 @@ def main(argv: list[str] | None = None) -> int:
 
             warm = load_pipeline(args.init_from)
             warm_params = warm_start(param_shapes(tok.vocab_size), warm)
-        check_workdir_recipe(args.workdir)
+        check_workdir_recipe(args.workdir, args.scene_sizes)
         prior = sitting_offset(args.workdir, args.init_from)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes)
-    scenes = [world.random_scene(i) for i in range(args.scenes)]
+    images = render_dataset(os.path.join(args.workdir, "images.npy"), args.scenes, sizes=args.scene_sizes)
+    scenes = [world.random_scene(i, sizes=args.scene_sizes) for i in range(args.scenes)]
     _log(f"{len(images)} scenes ready")
 
     vae, vae_params = vae_stage(args, images, warm_params)

@@ -74,10 +74,8 @@ Objects = tuple[tuple[str, str], ...]  # (shape, colour) of each object, in prom
 
 def size_word(side: float) -> str:
     """The world's size word for an object drawn in a square box of `side` (a fraction of the image):
-    the one whose drawn side (world.SIZES) is nearer to it on a log scale, so that its area ratio is
-    nearer 1 (the two meet at about 0.31 of the image)."""
-    mids = {name: (lo + hi) / 2 / world.IMAGE_SIZE for name, (lo, hi) in world.SIZES.items()}
-    return min(mids, key=lambda name: abs(math.log(side / mids[name])))
+    the one whose drawn side is nearer (`world.size_word`), so that its area ratio is nearer 1."""
+    return world.size_word(side * world.IMAGE_SIZE)
 
 
 def objects_prompt(objects: Objects, background: str = BACKGROUND, sizes: Sequence[str] | None = None) -> str:

@@ -38,6 +38,10 @@ BACKGROUNDS = {
 PATTERNS = ("solid", "striped", "dotted")
 SIZES = {"small": (13, 17), "big": (23, 29)}  # object side in pixels at 64 px
 IMAGE_SIZE = 64
+# Object sides of the "continuous" scene sizes (pixels at 64 px): the span of the layouts that the
+# demo's gates draw boxes from (0.18-0.5 of the image), each side named by `size_word`.
+CONTINUOUS_SIDES = (11.0, 32.0)
+SCENE_SIZES = ("words", "continuous")
 SUPERSAMPLE = 4
 
 # Words the demo tokenizer knows whole: caption words, the category words, and the words of the
@@ -98,26 +102,45 @@ def random_thing(rng: np.random.Generator) -> Thing:
                  outline=bool(rng.random() < HIDDEN_TRAIT_P), eyes=bool(rng.random() < HIDDEN_TRAIT_P))
 
 
-def place_things(rng: np.random.Generator, things: Sequence[Thing], size: int = IMAGE_SIZE) -> list[Thing]:
-    """Puts each thing at a random free spot; a thing with no room left shrinks to small, then is dropped."""
+def size_word(side: float) -> str:
+    """The size word for an object of `side` pixels (at 64 px): the `SIZES` entry whose middle side
+    is nearer on a log scale (the two meet at about 19.7 px, 0.31 of the image)."""
+    mids = {name: (lo + hi) / 2 for name, (lo, hi) in SIZES.items()}
+    return min(mids, key=lambda name: abs(math.log(side / mids[name])))
+
+
+def place_things(rng: np.random.Generator, things: Sequence[Thing], size: int = IMAGE_SIZE,
+                 sizes: str = "words") -> list[Thing]:
+    """Puts each thing at a random free spot. With `sizes` "words", a thing is drawn at a side of its
+    size word's `SIZES` range; with no room left it shrinks to small, then is dropped. With
+    "continuous", its side is uniform in `CONTINUOUS_SIDES` and its size word follows the side
+    (`size_word`); with no room left it is tried at a side of the range's lower half, then at the
+    smallest side, then dropped."""
     placed: list[Thing] = []
     taken: list[tuple[float, ...]] = []
     for thing in things:
-        for size_name in dict.fromkeys((thing.size, "small")):
-            lo, hi = SIZES[size_name]
-            box = _place(rng, rng.uniform(lo, hi) * size / IMAGE_SIZE, taken, size)
+        if sizes == "continuous":
+            lo, hi = CONTINUOUS_SIDES
+            ranges = [(None, (lo, hi)), (None, (lo, (lo + hi) / 2)), (None, (lo, lo))]
+        else:
+            ranges = [(name, SIZES[name]) for name in dict.fromkeys((thing.size, "small"))]
+        for name, (lo, hi) in ranges:
+            side = rng.uniform(lo, hi)
+            box = _place(rng, side * size / IMAGE_SIZE, taken, size)
             if box is not None:
-                placed.append(dataclasses.replace(thing, size=size_name, box=box))
+                placed.append(dataclasses.replace(thing, size=name or size_word(side), box=box))
                 taken.append(box)
                 break
     return placed
 
 
-def random_scene(seed: int, size: int = IMAGE_SIZE) -> Scene:
-    """A random scene; a pure function of `seed`."""
+def random_scene(seed: int, size: int = IMAGE_SIZE, sizes: str = "words") -> Scene:
+    """A random scene; a pure function of `seed` and `sizes` (`place_things`)."""
+    if sizes not in SCENE_SIZES:
+        raise ValueError(f"scene sizes {sizes!r} is not one of {', '.join(SCENE_SIZES)}")
     rng = np.random.default_rng([seed, 0x5CE7E])
     n = int(rng.choice(len(N_OBJECTS_P), p=N_OBJECTS_P)) + 1
-    things = place_things(rng, [random_thing(rng) for _ in range(n)], size)
+    things = place_things(rng, [random_thing(rng) for _ in range(n)], size, sizes)
     return Scene(tuple(things), str(rng.choice(list(BACKGROUNDS))), seed)
 
 
@@ -261,6 +284,6 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BOX))
 
 
-def render_batch(seeds: Sequence[int], size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
-    scenes = [random_scene(int(s), size) for s in seeds]
+def render_batch(seeds: Sequence[int], size: int = IMAGE_SIZE, sizes: str = "words") -> tuple[np.ndarray, list[Scene]]:
+    scenes = [random_scene(int(s), size, sizes) for s in seeds]
     return np.stack([render(s, size) for s in scenes]), scenes
