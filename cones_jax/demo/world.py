@@ -116,6 +116,8 @@ def place_things(rng: np.random.Generator, things: Sequence[Thing], size: int = 
     "continuous", its side is uniform in `CONTINUOUS_SIDES` and its size word follows the side
     (`size_word`); with no room left it is tried at a side of the range's lower half, then at the
     smallest side, then dropped."""
+    if sizes not in SCENE_SIZES:
+        raise ValueError(f"scene sizes {sizes!r} is not one of {', '.join(SCENE_SIZES)}")
     placed: list[Thing] = []
     taken: list[tuple[float, ...]] = []
     for thing in things:
@@ -136,8 +138,6 @@ def place_things(rng: np.random.Generator, things: Sequence[Thing], size: int = 
 
 def random_scene(seed: int, size: int = IMAGE_SIZE, sizes: str = "words") -> Scene:
     """A random scene; a pure function of `seed` and `sizes` (`place_things`)."""
-    if sizes not in SCENE_SIZES:
-        raise ValueError(f"scene sizes {sizes!r} is not one of {', '.join(SCENE_SIZES)}")
     rng = np.random.default_rng([seed, 0x5CE7E])
     n = int(rng.choice(len(N_OBJECTS_P), p=N_OBJECTS_P)) + 1
     things = place_things(rng, [random_thing(rng) for _ in range(n)], size, sizes)
