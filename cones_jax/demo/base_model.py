@@ -209,8 +209,10 @@ def encode_dataset(vae: AutoencoderKL, params: Any, images: np.ndarray,
                    chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
                                          method=AutoencoderKL.encode))
+    from tqdm import tqdm
+
     means, stds = [], []
-    for i in range(0, len(images), chunk):
+    for i in tqdm(range(0, len(images), chunk), desc="encode", file=sys.stderr):
         m, s = enc(params, np.asarray(images[i:i + chunk]))
         means.append(np.asarray(m, np.float16))
         stds.append(np.asarray(s, np.float16))
