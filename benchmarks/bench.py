@@ -16,6 +16,11 @@ UNet gets random params of its own and no agreement check is made.
 
 times one training step of the demo base model's UNet (and text encoder) against variants of its
 config, in turn, and prints each one's median against the recipe's.
+
+    python -m benchmarks.bench demo-encode --images 1000 --chunks 500 50 20
+
+times base_model's encode of rendered scenes into latents (a sitting's stage 2) at each chunk size,
+in turn, and prints each one's median against the first's.
 """
 
 from __future__ import annotations
@@ -289,6 +294,35 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     return {"command": command, "batch": args.batch, "median_s": med, "times_s": times, "params": params_n}
 
 
+def run_demo_encode(args: argparse.Namespace, command: str) -> dict:
+    """Seconds to encode `args.images` rendered scenes with the demo VAE at each chunk size, in turn."""
+    from cones_jax.demo import base_model as bm
+    from cones_jax.demo import world
+
+    images, _ = world.render_batch(range(args.images))
+    vae = bm.vae_module()
+    params = random_params(vae.param_shapes(), seed=0)  # the encode's speed does not depend on the values
+    times, compile_s = {c: [] for c in args.chunks}, {}
+    for c in args.chunks:  # the first call of a chunk size compiles
+        t0 = time.perf_counter()
+        bm.encode_dataset(vae, params, images[:c], chunk=c)
+        compile_s[c] = time.perf_counter() - t0
+    for _ in range(args.iters):
+        for c in args.chunks:  # in turn, so load from elsewhere hits each alike
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            bm.encode_dataset(vae, params, images, chunk=c)
+            times[c].append(time.perf_counter() - t0)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    base = med[args.chunks[0]]
+    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
+          f"host: {host_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}; {args.images} scenes")
+    print(format_table([(f"chunk {c}", f"first call {compile_s[c]:.1f} s, median {med[c]:.2f} s, "
+                                       f"{1e3 * med[c] / args.images:.1f} ms a scene, {med[c] / base:.2f}x chunk "
+                                       f"{args.chunks[0]}") for c in args.chunks]))
+    return {"command": command, "images": args.images, "median_s": med, "times_s": times}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -308,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-step", help="time a demo base-model UNet training step against its variants")
     d.add_argument("--batch", type=int, default=16)
     d.add_argument("--iters", type=int, default=5)
+    e = sub.add_parser("demo-encode", help="time a sitting's encode of its scenes at several chunk sizes")
+    e.add_argument("--images", type=int, default=1000)
+    e.add_argument("--chunks", type=int, nargs="+", default=[500, 50])
+    e.add_argument("--iters", type=int, default=3)
     return p
 
 
@@ -319,12 +357,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cones_jax.cli import default_xla_flags
 
     default_xla_flags()
-    if args.iters < 1 or getattr(args, "warmup", 0) < 0 or args.batch < 1:
+    if args.iters < 1 or getattr(args, "warmup", 0) < 0 or getattr(args, "batch", 1) < 1:
         raise SystemExit("--iters must be >= 1, --warmup >= 0, --batch >= 1")
+    if args.command == "demo-encode" and (args.images < 1 or min(args.chunks) < 1):
+        raise SystemExit("--images and every --chunks value must be >= 1")
     command = shlex.join(["python", "-m", "benchmarks.bench", *argv])
     print(f"command: {command}", flush=True)
     if args.command == "demo-step":
         return run_demo_step(args, command)
+    if args.command == "demo-encode":
+        return run_demo_encode(args, command)
     result = run_unet(args, command)
     print(summary_table(result), flush=True)
     write_json(args.json, result)

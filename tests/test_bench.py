@@ -51,3 +51,15 @@ def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
     assert result["params"]["narrow"] < result["params"]["recipe"]
     printed = capsys.readouterr().out
     assert "python -m benchmarks.bench demo-step --batch 1 --iters 1" in printed and "x the recipe" in printed
+
+
+def test_bench_demo_encode_times_each_chunk(capsys):
+    # a smoke test on 6 scenes; the figures are for `python -m benchmarks.bench demo-encode`
+    result = bench.main(["demo-encode", "--images", "6", "--chunks", "4", "2", "--iters", "1"])
+    assert set(result["median_s"]) == {4, 2} and all(v > 0 for v in result["median_s"].values())
+    assert all(len(t) == 1 for t in result["times_s"].values())
+    printed = capsys.readouterr().out
+    assert "python -m benchmarks.bench demo-encode --images 6 --chunks 4 2 --iters 1" in printed
+    assert "x chunk 4" in printed
+    with pytest.raises(SystemExit, match="--chunks"):
+        bench.main(["demo-encode", "--chunks", "0"])

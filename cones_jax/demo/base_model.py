@@ -206,7 +206,9 @@ def train_stage(name: str, workdir: str, loss_fn: training.LossFn, params: Any,
 
 
 def encode_dataset(vae: AutoencoderKL, params: Any, images: np.ndarray,
-                   chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
+                   chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    # Small chunks: the mid-block attention's [chunk, 1024, 1024] scores at 500 images were 2 GB and
+    # made the encode memory-bound, twice as slow as at 50 (docs/demo_model_training.md).
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
                                          method=AutoencoderKL.encode))
     from tqdm import tqdm
