@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import os
 import shlex
@@ -50,6 +51,7 @@ from benchmarks.common import (
     load_avg,
     log,
     random_params,
+    timed_round_times,
     torch_dtype_for,
     write_json,
 )
@@ -237,6 +239,12 @@ DEMO_VARIANTS = {
 }
 
 
+def print_demo_header(detail: str) -> None:
+    """The date, host and XLA flags above a demo benchmark's table."""
+    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
+          f"host: {host_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}; {detail}")
+
+
 def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     """Seconds per UNet training step of the demo recipe and its variants, timed in turn."""
     from cones_jax import training
@@ -255,11 +263,9 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     mesh = training.make_mesh(args.batch)
     steps, states, params_n, compile_s = {}, {}, {}, {}
 
-    def timed_step(name: str) -> float:
-        t0 = time.perf_counter()
+    def one_step(name: str) -> jax.Array:
         states[name], m = steps[name](states[name], batches[name])
-        jax.block_until_ready(m["loss"])
-        return time.perf_counter() - t0
+        return m["loss"]
 
     # grounding targets as sparse as real captions' (a few trait words, objects on a tenth of the grid)
     grounded = dict(batch, **{f"ground_{s * s}": (rng.random((args.batch, s * s, bm.MAX_LENGTH)) < 0.01
@@ -278,16 +284,13 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
         steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0, grounding_weight=weight),
                                                opt, mesh, frozen={})
         states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))
-        compile_s[name] = timed_step(name)  # the first call compiles
-    times = {name: [] for name in DEMO_VARIANTS}
-    for _ in range(args.iters):
-        for name in DEMO_VARIANTS:  # in turn, so load from elsewhere hits each alike
-            time.sleep(SETTLE_S)
-            times[name].append(timed_step(name))
+        # the first call compiles
+        compile_s[name] = timed_round_times({name: functools.partial(one_step, name)}, 1)[name][0]
+    times = timed_round_times({name: functools.partial(one_step, name) for name in DEMO_VARIANTS}, args.iters,
+                              SETTLE_S)
     med = {name: statistics.median(v) for name, v in times.items()}
     base = med["recipe"]
-    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
-          f"host: {host_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}; batch {args.batch}")
+    print_demo_header(f"batch {args.batch}")
     print(format_table([(name, f"{params_n[name] / 1e6:.2f} M params, compile {compile_s[name]:.0f} s, "
                                 f"median {med[name]:.3f} s/step, {med[name] / base:.2f}x the recipe")
                          for name in DEMO_VARIANTS]))
@@ -302,21 +305,14 @@ def run_demo_encode(args: argparse.Namespace, command: str) -> dict:
     images, _ = world.render_batch(range(args.images))
     vae = bm.vae_module()
     params = random_params(vae.param_shapes(), seed=0)  # the encode's speed does not depend on the values
-    times, compile_s = {c: [] for c in args.chunks}, {}
-    for c in args.chunks:  # the first call of a chunk size compiles
-        t0 = time.perf_counter()
-        bm.encode_dataset(vae, params, images[:c], chunk=c)
-        compile_s[c] = time.perf_counter() - t0
-    for _ in range(args.iters):
-        for c in args.chunks:  # in turn, so load from elsewhere hits each alike
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            bm.encode_dataset(vae, params, images, chunk=c)
-            times[c].append(time.perf_counter() - t0)
+    # the first call of a chunk size compiles
+    compile_s = {c: timed_round_times({c: lambda c=c: bm.encode_dataset(vae, params, images[:c], chunk=c)}, 1)[c][0]
+                 for c in args.chunks}
+    times = timed_round_times({c: lambda c=c: bm.encode_dataset(vae, params, images, chunk=c) for c in args.chunks},
+                              args.iters, SETTLE_S)
     med = {c: statistics.median(v) for c, v in times.items()}
     base = med[args.chunks[0]]
-    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
-          f"host: {host_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}; {args.images} scenes")
+    print_demo_header(f"{args.images} scenes")
     print(format_table([(f"chunk {c}", f"first call {compile_s[c]:.1f} s, median {med[c]:.2f} s, "
                                        f"{1e3 * med[c] / args.images:.1f} ms a scene, {med[c] / base:.2f}x chunk "
                                        f"{args.chunks[0]}") for c in args.chunks]))

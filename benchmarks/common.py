@@ -148,16 +148,24 @@ def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def timed_rounds(fns: dict, rounds: int) -> dict:
-    """Median seconds of each of `fns` (called with no arguments, waited for), timed in interleaved
-    rounds so that load from elsewhere on the machine hits them alike."""
+def timed_round_times(fns: dict, rounds: int, settle_s: float = 0.0) -> dict:
+    """Seconds of each of `fns` (called with no arguments, waited for) in each of `rounds`
+    interleaved rounds, so that load from elsewhere on the machine hits them alike; `settle_s` of
+    sleep before each call."""
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def timed_rounds(fns: dict, rounds: int) -> dict:
+    """Median seconds of each of `fns`, timed by `timed_round_times`."""
+    return {k: float(np.median(v)) for k, v in timed_round_times(fns, rounds).items()}
 
 
 # ---- random-weight models of real shapes (weights do not change speed; shapes do)
