@@ -245,6 +245,7 @@ class DemoModelConfig(Config):
     weighting: Literal["clipped_v", "min_snr"]
     timestep_power: float
     grounding_weight: float
+    grounding_pixel_weight: float
     max_length: int                    # text tokens
     text_width: int                    # text encoder width = UNet cross-attention dim
     latent_factor: int                 # image pixels per latent pixel

@@ -363,8 +363,11 @@ def test_grounding_targets_cover_each_trait_words_objects(demo_tokenizer):
     caption = "a red striped star , a red ring and a blue star on a grey background"
     ids = demo_tokenizer.encode([caption])
     targets = base_model.grounding_targets([scene], ids, base_model.grounded_word_ids(demo_tokenizer), (16, 8))
-    assert set(targets) == {"ground_256", "ground_64"} and targets["ground_256"].shape == (1, 256, ids.shape[1])
+    assert set(targets) == {"ground_256", "ground_64", "shape_tokens"}
+    assert targets["ground_256"].shape == (1, 256, ids.shape[1])
     words = ["<start>"] + caption.split()
+    marked = [words[k] for k in np.flatnonzero(targets["shape_tokens"][0]) if k < len(words)]
+    assert marked == ["star", "ring", "star"] and targets["shape_tokens"].sum() == 3
 
     def cover(word):
         return targets["ground_256"][0, :, words.index(word)].reshape(16, 16)
@@ -400,6 +403,29 @@ def test_grounding_loss_is_the_share_of_attention_off_the_object():
     assert float(base_model.grounding_loss({"a": uniform}, {"ground_4": jnp.zeros((2, 4, 3))})) == 0.0
 
 
+def test_pixel_grounding_loss_is_the_cross_entropy_of_shape_attention_against_cover():
+    cover = np.zeros((1, 4, 3), np.float32)
+    cover[0, :2, 1] = 1.0   # token 1 names a shape covering the first two of four cells
+    cover[0, 1:3, 2] = 1.0  # token 2 names a colour: grounded by the token loss, not this one
+    probs = np.full((1, 4, 3), 0.2, np.float32)
+    probs[0, :2, 1] = 0.8
+    batch = {"ground_4": jnp.asarray(cover), "shape_tokens": jnp.asarray([[0.0, 1.0, 0.0]])}
+    want = -(2 * np.log(0.8) + 2 * np.log(0.8)) / 4  # inside p = 0.8 of 1, outside 0.2 of 0
+    got = base_model.pixel_grounding_loss({"a": jnp.asarray(probs)}, batch)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # attention that matches the cover does better than attention on a spot inside it, which the
+    # token loss alone cannot tell apart from it (all of the mass is on the object either way)
+    on_cover = probs * cover
+    spot = on_cover.copy()
+    spot[0, :, 1] = [0.8, 0.0, 0.0, 0.0]
+    assert float(base_model.grounding_loss({"a": jnp.asarray(spot)}, batch)) == pytest.approx(
+        float(base_model.grounding_loss({"a": jnp.asarray(on_cover)}, batch)))
+    assert float(base_model.pixel_grounding_loss({"a": jnp.asarray(spot)}, batch)) > float(
+        base_model.pixel_grounding_loss({"a": jnp.asarray(on_cover)}, batch))
+    assert float(base_model.pixel_grounding_loss({"a": jnp.asarray(probs)}, dict(
+        batch, shape_tokens=jnp.zeros((1, 3))))) == 0.0
+
+
 def test_grounding_weight_adds_a_term_and_zero_keeps_the_old_loss(demo_tokenizer, capsys):
     text, unet = base_model.models(demo_tokenizer.vocab_size)
     assert base_model.cross_attention_sides(unet) == (16, 8)
@@ -417,7 +443,7 @@ def test_grounding_weight_adds_a_term_and_zero_keeps_the_old_loss(demo_tokenizer
     # jitted: run op by op, the UNet's forward and backward took most of this test's minute
     plain, parts = jax.jit(base_model.make_diffusion_loss(unet, text, 0.5))(params, None, batch, key)
     assert set(parts) == {"mse"}
-    loss_fn = base_model.make_diffusion_loss(unet, text, 0.5, grounding_weight=0.1)
+    loss_fn = base_model.make_diffusion_loss(unet, text, 0.5, grounding_weight=0.1, grounding_pixel_weight=0.05)
 
     def ground(p):  # the grounding term, with the whole loss as aux
         total, gparts = loss_fn(p, None, grounded, key)
@@ -426,13 +452,18 @@ def test_grounding_weight_adds_a_term_and_zero_keeps_the_old_loss(demo_tokenizer
     (_, (total, gparts)), grads = jax.jit(jax.value_and_grad(ground, has_aux=True))(params)
     assert float(gparts["mse"]) == pytest.approx(float(parts["mse"]), rel=1e-5)
     assert 0.0 < float(gparts["ground"]) < 1.0
-    assert float(total) == pytest.approx(float(plain) + 0.1 * float(gparts["ground"]), rel=1e-5)
+    assert 0.0 < float(gparts["pixel"])
+    assert float(total) == pytest.approx(float(plain) + 0.1 * float(gparts["ground"]) + 0.05 * float(gparts["pixel"]),
+                                         rel=1e-5)
     to_k = grads["unet"]["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]["kernel"]
     assert float(jnp.abs(to_k).sum()) > 0  # the keys learn where words attend
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads["text_encoder"]))) > 0
     with pytest.raises(SystemExit):
         base_model.main(["--workdir", "unused", "--grounding-weight", "-0.1"])
     assert "--grounding-weight -0.1 is negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        base_model.main(["--workdir", "unused", "--grounding-pixel-weight", "-1"])
+    assert "--grounding-pixel-weight -1.0 is negative" in capsys.readouterr().err
 
 
 def test_evaluate_cli_refuses_a_bad_override_before_loading(capsys):

@@ -35,6 +35,7 @@ def get_config() -> DemoModelConfig:
         weighting="clipped_v",         # per-timestep loss weight
         timestep_power=0.0,            # timesteps with density ∝ (t/T)^K; 0 is uniform
         grounding_weight=0.0,          # weight of the token grounding loss; 0 is none
+        grounding_pixel_weight=0.0,    # weight of the shape words' per-pixel grounding loss; 0 is none
         max_length=40,                 # text tokens
         text_width=96,
         latent_factor=2,               # latents at 32² for 64 px images

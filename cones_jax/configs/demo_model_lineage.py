@@ -14,7 +14,8 @@ from cones_jax.config import DemoLineageConfig
 
 # The plain recipe of the third run (the first at f = 2), as it then stood.
 _PLAIN = dict(scenes=30000, batch=16, lr=4e-4, weighting="clipped_v", single_object_fraction=0.0,
-              multi_object_fraction=0.0, scene_sizes="words", timestep_power=0.0, grounding_weight=0.0)
+              multi_object_fraction=0.0, scene_sizes="words", timestep_power=0.0, grounding_weight=0.0,
+              grounding_pixel_weight=0.0)
 # The fourth sitting's options: more high-noise timesteps and more one-object scenes.
 _SHAPE = dict(_PLAIN, single_object_fraction=0.625, timestep_power=1.0)
 # From the 17 400-step model on: plus the token grounding loss.

@@ -13,7 +13,8 @@ Training has three stages, each resumable from `workdir`:
      schedule, clipped-v loss weights (`--weighting min_snr` for min-SNR-5), captions with word
      drop-out, 10% empty for classifier-free guidance, EMA weights. Options draw more high-noise
      timesteps (`--timestep-power`), add single-object and crowded batches (`--single-object-fraction`,
-     `--multi-object-fraction`) and a token grounding loss (`--grounding-weight`); `--init-from`
+     `--multi-object-fraction`) and token and pixel grounding losses (`--grounding-weight`,
+     `--grounding-pixel-weight`); `--init-from`
      continues from an exported folder, and `--stop-at N` stops at step N of a schedule that spans
      `--steps` (a later run resumes it).
 `export` writes the EMA weights as a diffusers folder that PyTorch diffusers loads, with a record of
@@ -323,7 +324,9 @@ def grounding_targets(scenes: Sequence[world.Scene], ids_BxL: np.ndarray, word_i
             if word in pooled:
                 for s in sides:
                     out[s][b, :, k] = pooled[word][s]
-    return {f"ground_{s * s}": v for s, v in out.items()}
+    out = {f"ground_{s * s}": v for s, v in out.items()}
+    out["shape_tokens"] = np.isin(ids_BxL, [i for i, w in word_ids.items() if w in world.SHAPES]).astype(np.float32)
+    return out
 
 
 def attention_share(probs_BxQxK: jax.Array, cover_BxQxK: jax.Array) -> jax.Array:
@@ -345,14 +348,35 @@ def grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
     return jnp.mean(jnp.stack(losses))
 
 
+def pixel_grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
+    """Pixel grounding (TokenCompose's pixel loss, Wang et al., 2024): for each caption token that
+    names a shape, the binary cross-entropy between the share of each cell's attention that goes to
+    it and the share of the cell its objects cover, averaged over cells, over such tokens and over
+    every cross-attention layer. The token loss asks only that a word's attention stay on its object,
+    which a small spot inside a big object satisfies; this one asks that the attention cover the
+    object, so that where a shape word attends says how far its object extends: the signal that
+    Cones 2's layout guidance, which raises a shape word's attention over its box, needs to draw
+    the object at the box's size. Shape words only: the layout guides them, and a cell's
+    attention to the colour, pattern and shape words of one object sums to at most 1."""
+    losses = []
+    shape_BxK = batch["shape_tokens"]
+    for probs_BxQxK in jax.tree.leaves(attention_tree):
+        cover_BxQxK = batch[f"ground_{probs_BxQxK.shape[1]}"]
+        p = jnp.clip(probs_BxQxK.astype(jnp.float32), 1e-6, 1.0 - 1e-6)
+        bce_BxK = -jnp.mean(cover_BxQxK * jnp.log(p) + (1.0 - cover_BxQxK) * jnp.log1p(-p), axis=1)
+        losses.append(jnp.sum(shape_BxK * bce_BxK) / jnp.maximum(jnp.sum(shape_BxK), 1.0))
+    return jnp.mean(jnp.stack(losses))
+
+
 def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
                         weighting: str = "clipped_v", timestep_power: float = 0.0,
-                        grounding_weight: float = 0.0) -> training.LossFn:
-    """The UNet stage's loss; with `grounding_weight` > 0, plus that times `grounding_loss` (the batch
-    then carries `grounding_targets`)."""
+                        grounding_weight: float = 0.0, grounding_pixel_weight: float = 0.0) -> training.LossFn:
+    """The UNet stage's loss; with `grounding_weight` > 0, plus that times `grounding_loss`, and with
+    `grounding_pixel_weight` > 0, plus that times `pixel_grounding_loss` (the batch then carries
+    `grounding_targets`)."""
     weight = LOSS_WEIGHTS[weighting]
     ac_T = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(SCHEDULER)), jnp.float32)
-    grounded = grounding_weight > 0.0
+    grounded = grounding_weight > 0.0 or grounding_pixel_weight > 0.0
 
     def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
         del frozen
@@ -368,9 +392,12 @@ def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, s
         per_example, attention = out if grounded else (out, None)
         loss = jnp.mean(weight(ac_T, t) * per_example)
         parts = {"mse": jnp.mean(per_example)}
-        if grounded:
+        if grounding_weight > 0.0:
             parts["ground"] = grounding_loss(attention, batch)
             loss = loss + grounding_weight * parts["ground"]
+        if grounding_pixel_weight > 0.0:
+            parts["pixel"] = pixel_grounding_loss(attention, batch)
+            loss = loss + grounding_pixel_weight * parts["pixel"]
         return loss, parts
 
     return loss_fn
@@ -550,6 +577,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grounding-weight", type=float, metavar="W",
                    help="add W times a token grounding loss (each shape, colour and pattern word's cross-attention "
                         "on its objects, from the renderer's masks; default 0: none)")
+    p.add_argument("--grounding-pixel-weight", type=float, metavar="W",
+                   help="add W times a pixel grounding loss (each shape word's per-pixel cross-attention against "
+                        "its objects' masks, so that the attention covers the object; default 0: none)")
     p.add_argument("--init-from", metavar="DIR",
                    help="an exported demo folder to continue from: its VAE is kept and its UNet and text encoder "
                         "(EMA weights) start the UNet stage, with a fresh optimizer (a run longer than one sitting)")
@@ -583,8 +613,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{args.single_object_fraction}]")
     if args.timestep_power < 0.0:
         p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
-    if args.grounding_weight < 0.0:
-        p.error(f"--grounding-weight {args.grounding_weight} is negative; use 0 for no grounding loss")
+    for flag in ("grounding_weight", "grounding_pixel_weight"):
+        if getattr(args, flag) < 0.0:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative; use 0 for no such loss")
     return args
 
 
@@ -653,11 +684,12 @@ def unet_stage(args: argparse.Namespace, tok: ClipTokenizer, scenes: Sequence[wo
         rng = training.data_rng(step, seed=DATA_SEED + prior)
         ids = tok.encode([training_caption(scenes[i], rng) for i in idx])
         batch = {"mean": mean[idx], "std": std[idx], "ids": ids}
-        if args.grounding_weight:
+        if args.grounding_weight or args.grounding_pixel_weight:
             batch.update(grounding_targets([scenes[i] for i in idx], np.asarray(ids), word_ids, sides))
         return batch
 
-    loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power, args.grounding_weight)
+    loss_fn = make_diffusion_loss(unet, text, scaling, args.weighting, args.timestep_power, args.grounding_weight,
+                                  args.grounding_pixel_weight)
     return train_stage("unet", args.workdir, loss_fn, params, batches, steps=args.steps, lr=args.lr,
                        batch=args.batch, ema=True, seed=prior, export_only=args.export_only, stop_at=args.stop_at)
 
