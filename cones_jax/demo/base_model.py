@@ -339,13 +339,20 @@ def grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
     an object trait, (1 - the share of its cross-attention mass that falls on those objects)², averaged
     over such tokens and over every cross-attention layer. It teaches the model what Stable Diffusion
     learns from scale and Cones 2's layout guidance relies on: a word's attention sits on its object."""
-    losses = []
-    for probs_BxQxK in jax.tree.leaves(attention_tree):
-        cover_BxQxK = batch[f"ground_{probs_BxQxK.shape[1]}"]
+    def layer_loss(probs_BxQxK: jax.Array, cover_BxQxK: jax.Array) -> jax.Array:
         grounded_BxK = (jnp.sum(cover_BxQxK, axis=1) > 0).astype(jnp.float32)
         inside_BxK = attention_share(probs_BxQxK, cover_BxQxK)
-        losses.append(jnp.sum(grounded_BxK * jnp.square(1.0 - inside_BxK)) / jnp.maximum(jnp.sum(grounded_BxK), 1.0))
-    return jnp.mean(jnp.stack(losses))
+        return jnp.sum(grounded_BxK * jnp.square(1.0 - inside_BxK)) / jnp.maximum(jnp.sum(grounded_BxK), 1.0)
+
+    return mean_over_layers(layer_loss, attention_tree, batch)
+
+
+def mean_over_layers(layer_loss: Callable[[jax.Array, jax.Array], jax.Array], attention_tree: Any,
+                     batch: dict) -> jax.Array:
+    """`layer_loss(probs [B, Q, K], cover [B, Q, K])` averaged over every cross-attention layer, each
+    against the `grounding_targets` cover at its resolution."""
+    return jnp.mean(jnp.stack([layer_loss(probs_BxQxK, batch[f"ground_{probs_BxQxK.shape[1]}"])
+                               for probs_BxQxK in jax.tree.leaves(attention_tree)]))
 
 
 def pixel_grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
@@ -358,14 +365,14 @@ def pixel_grounding_loss(attention_tree: Any, batch: dict) -> jax.Array:
     Cones 2's layout guidance, which raises a shape word's attention over its box, needs to draw
     the object at the box's size. Shape words only: the layout guides them, and a cell's
     attention to the colour, pattern and shape words of one object sums to at most 1."""
-    losses = []
     shape_BxK = batch["shape_tokens"]
-    for probs_BxQxK in jax.tree.leaves(attention_tree):
-        cover_BxQxK = batch[f"ground_{probs_BxQxK.shape[1]}"]
+
+    def layer_loss(probs_BxQxK: jax.Array, cover_BxQxK: jax.Array) -> jax.Array:
         p = jnp.clip(probs_BxQxK.astype(jnp.float32), 1e-6, 1.0 - 1e-6)
         bce_BxK = -jnp.mean(cover_BxQxK * jnp.log(p) + (1.0 - cover_BxQxK) * jnp.log1p(-p), axis=1)
-        losses.append(jnp.sum(shape_BxK * bce_BxK) / jnp.maximum(jnp.sum(shape_BxK), 1.0))
-    return jnp.mean(jnp.stack(losses))
+        return jnp.sum(shape_BxK * bce_BxK) / jnp.maximum(jnp.sum(shape_BxK), 1.0)
+
+    return mean_over_layers(layer_loss, attention_tree, batch)
 
 
 def make_diffusion_loss(unet: UNet2DConditionModel, text: CLIPTextTransformer, scaling_factor: float,
@@ -615,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--timestep-power {args.timestep_power} is negative; use 0 for uniform timesteps")
     for flag in ("grounding_weight", "grounding_pixel_weight"):
         if getattr(args, flag) < 0.0:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative; use 0 for no such loss")
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative; use 0 for no grounding loss")
     return args
 
 
