@@ -133,6 +133,21 @@ def test_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch, capsys):
     assert 0.02 < loc["area"] < 0.3, loc
     loc = diagnose.word_localization(sd, timesteps=(600,), n=4)[600]
     assert loc["shape"] != pytest.approx(loc["area"], rel=1e-3), loc  # a model that sees the text is not blind
+    # an object cell's attention over the prompt's tokens sums to 1; blind keys spread it evenly
+    images = np.stack([world.render(world.Scene((world.Thing("star", "red", box=(16, 16, 48, 48)),), "grey",
+                                                seed=k)) for k in range(2)])
+    assert 0.1 < diagnose.object_masks(images).mean() < 0.3, diagnose.object_masks(images).mean()
+    share = diagnose.object_attention(blind, images, "a red star", timesteps=(600,), draws=1)
+    even = 1.0 / len(share["tokens"])
+    np.testing.assert_allclose(share["object"], even, rtol=1e-4)
+    np.testing.assert_allclose(share["background"], even, rtol=1e-4)
+    share = diagnose.object_attention(sd, images, "a red star", timesteps=(600,), draws=1)
+    assert share["tokens"][:2] == [sd.tokenizer.bos_token, "a</w>"], share["tokens"][:4]
+    assert share["object"].sum() == pytest.approx(1.0, rel=1e-4)
+    assert np.abs(share["object"] - even).max() > 1e-3  # a model that sees the text is not blind
+    with pytest.raises(SystemExit):  # the prompts need photos, asked for before any model loads
+        diagnose.main(["--model", out, "--object-attention", "a star"])
+    assert "--object-attention needs --images" in capsys.readouterr().err
     with pytest.raises(ValueError, match="differs from this recipe"):
         base_model.warm_start({"text_encoder": tp, "unet": {"conv_in": {"kernel": np.zeros((3, 3, 4, 8))}}},
                               sd)

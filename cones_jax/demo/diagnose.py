@@ -1,6 +1,8 @@
 """Where a demo base model loses shapes: a quick look while it trains.
 
     python -m cones_jax.demo.diagnose --model examples/demo_model --out /tmp/diagnose.png
+    python -m cones_jax.demo.diagnose --model examples/demo_model --images examples/demo_world/subjects/sunny \
+        --object-attention "a sks star" "a star"
 
 Prints the single-object gate on one seed per colour x shape (49 samples), how much the model's
 denoising loss rises when a caption's shape or colour word is swapped (per noise level; near 0 for
@@ -11,6 +13,10 @@ object, and writes one PNG grid:
   rows 7-14  DDIM from those noised latents (t = 500, 700, 850, 999; CFG 1, then 5) down to 0.
 A model whose x₀ predictions keep a shape at a given t but whose DDIM from that t loses it draws
 its fine detail badly at the lower noise levels: errors compound step after step.
+
+With --object-attention it prints only, for each prompt, the share of the cross-attention of the
+object's cells and of the background's that goes to each token (`object_attention`), on photos of
+one object (--images): which tokens carry what a model draws inside an object.
 """
 
 from __future__ import annotations
@@ -121,6 +127,52 @@ def word_localization(sd: StableDiffusion, timesteps: Sequence[int] = (300, 600,
     return out
 
 
+def object_masks(images_NxHxWx3: np.ndarray, threshold: float = 30.0) -> np.ndarray:
+    """[N, H, W] bool: the pixels of each image whose colour differs from its top-left pixel's (the
+    one-colour background of the demo world's renders and subject photos) by more than `threshold`
+    (summed over channels, 0-255 scale)."""
+    x = np.asarray(images_NxHxWx3, np.float32)
+    return np.abs(x - x[:, :1, :1]).sum(-1) > threshold
+
+
+def object_attention(sd: StableDiffusion, images_NxHxWx3: np.ndarray, prompt: str,
+                     timesteps: Sequence[int] = X0_TIMESTEPS, draws: int = 2) -> dict[str, np.ndarray]:
+    """Where an object's cells send their cross-attention: for uint8 images of one object on a
+    one-colour background, noised to each t (`draws` noises each), the mean share of an object
+    cell's attention (cells at least half covered, `object_masks`) and of a background cell's (cells
+    not covered) that goes to each token of `prompt`, averaged over every cross-attention layer:
+    {"tokens": [L] str, "object": [L], "background": [L]}. The pixel grounding loss
+    (`base_model.pixel_grounding_loss`) trains a shape word's share of its object's cells; a
+    method that acts through the prompt's other tokens (an identifier, for concept neurons) acts
+    through whatever share they keep."""
+    images = np.asarray(images_NxHxWx3)
+    n = images.shape[0]
+    masks = object_masks(images).astype(np.float32)
+    ids = sd.tokenizer.encode([prompt] * n)
+    z0 = _scaled_latents(sd, images)
+    ctx = _context(sd, [prompt] * n)
+    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
+    attention = jax.jit(lambda noise, t: training.denoising_errors(
+        sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((n,), t), ac, sd.scheduler.prediction_type,
+        with_attention=True)[1])
+    side_px = masks.shape[1]
+    inside, outside = [], []
+    for t in timesteps:
+        for d in range(draws):
+            for probs_NxQxK in jax.tree.leaves(attention(jax.random.normal(jax.random.PRNGKey(1000 * d + t), z0.shape),
+                                                         t)):
+                p = np.asarray(probs_NxQxK, np.float32)
+                side = int(round(p.shape[1] ** 0.5))
+                cover = masks.reshape(n, side, side_px // side, side, side_px // side).mean(axis=(2, 4)).reshape(n, -1)
+                # a grid too coarse to hold a whole cell of the object (or of background) adds nothing
+                if (cover >= 0.5).any():
+                    inside.append(p[cover >= 0.5].mean(0))
+                if (cover == 0).any():
+                    outside.append(p[cover == 0].mean(0))
+    return {"tokens": sd.tokenizer.token_strings(ids[0]), "object": np.mean(inside, 0),
+            "background": np.mean(outside, 0)}
+
+
 def probe_grid(sd: StableDiffusion, ddim_stride: int = 40) -> np.ndarray:
     """The uint8 grid described in the module docstring (v-prediction models only)."""
     if sd.scheduler.prediction_type != "v_prediction":
@@ -167,9 +219,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--detector", default=os.path.join(evaluate.DEMO_WORLD, "detector.safetensors"))
-    p.add_argument("--out", required=True, help="PNG of the x₀ / DDIM grid")
+    p.add_argument("--out", help="PNG of the x₀ / DDIM grid (required unless --object-attention)")
+    p.add_argument("--object-attention", nargs="+", metavar="PROMPT",
+                   help="print only, for each PROMPT, the share of the attention of --images' object cells "
+                        "and background cells that goes to each of its tokens")
+    p.add_argument("--images", metavar="DIR", help="photos of one object on a one-colour background "
+                                                    "(e.g. examples/demo_world/subjects/sunny)")
     args = p.parse_args(argv)
+    if args.object_attention and not args.images:
+        p.error("--object-attention needs --images DIR, photos of one object on a one-colour background")
+    if not args.object_attention and not args.out:
+        p.error("give --out PATH.png for the grid (or --object-attention PROMPT --images DIR)")
     sd = load_pipeline(args.model)
+    if args.object_attention:
+        side = sd.unet.config.sample_size * sd.latent_factor
+        images = training.load_images(args.images, side, crop="center", multiple=sd.latent_factor)
+        images = np.stack([np.round((x + 1.0) * 127.5) for x in images]).astype(np.uint8)
+        for prompt in args.object_attention:
+            share = object_attention(sd, images, prompt)
+            eos = share["tokens"].index(sd.tokenizer.eos_token) if sd.tokenizer.eos_token in share["tokens"] else -1
+            print(f"{prompt!r}: share of an object cell's / a background cell's attention, by token")
+            for k, tok in enumerate(share["tokens"][:eos + 1]):
+                print(f"  {tok:>16} {100 * share['object'][k]:5.1f}% {100 * share['background'][k]:5.1f}%")
+            print(f"  {'(padding)':>16} {100 * share['object'][eos + 1:].sum():5.1f}% "
+                  f"{100 * share['background'][eos + 1:].sum():5.1f}%")
+        return 0
     print(f"single-object gate (1 seed): {evaluate.single_object_gate(sd, detect.load_detector(args.detector), [0])}")
     for t, rise in caption_sensitivity(sd).items():
         print(f"t = {t}: loss +{100 * rise['shape']:.1f}% with another shape word, "
