@@ -2,9 +2,9 @@
 
     python -m cones_jax.demo.base_model --workdir /tmp/demo_run --out examples/demo_model [--set steps=30000]
 
-Hardware and time: the bundled model took 45000 UNet steps on CPU, in ten sittings whose flags are
+Hardware and time: the bundled model took 49000 UNet steps on CPU, in eleven sittings whose flags are
 `cones_jax/configs/demo_model_lineage.py` (docs/demo_model_training.md); one command replays them
-from scratch (an estimated 13-14 h on 2 CPU cores; meant for a GPU):
+from scratch (an estimated 14-15 h on 2 CPU cores; meant for a GPU):
 
     python -m cones_jax.demo.retrain --workdir /tmp/demo_retrain --out /tmp/demo_model [--sittings K] [--scale S]
 
