@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -56,6 +56,15 @@ def _context(sd: StableDiffusion, prompts: Sequence[str]) -> jax.Array:
     """The text encoder's last hidden states for `prompts` (the UNet's cross-attention context)."""
     ids = jnp.asarray(sd.tokenizer.encode(list(prompts)))
     return sd.text_encoder.apply({"params": sd.params["text_encoder"]}, ids)["last_hidden_state"]
+
+
+def _attention_at(sd: StableDiffusion, z0: jax.Array, ctx: jax.Array) -> Callable:
+    """Jitted `(noise, t) -> ` the cross-attention probabilities of every layer (a tree of [N, Q, K])
+    for the latents `z0` noised to level t with `noise`, read against the context `ctx`."""
+    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
+    return jax.jit(lambda noise, t: training.denoising_errors(
+        sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((z0.shape[0],), t), ac, sd.scheduler.prediction_type,
+        with_attention=True)[1])
 
 
 def caption_sensitivity(sd: StableDiffusion, timesteps: Sequence[int] = SENSITIVITY_TIMESTEPS,
@@ -108,10 +117,7 @@ def word_localization(sd: StableDiffusion, timesteps: Sequence[int] = (300, 600,
     kind = {i: "shape" if w in world.SHAPES else "colour" for i, w in word_ids.items()}
     z0 = _scaled_latents(sd, np.stack([world.render(s) for s in scenes]))
     ctx = _context(sd, captions)
-    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
-    attention = jax.jit(lambda noise, t: training.denoising_errors(
-        sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((n,), t), ac, sd.scheduler.prediction_type,
-        with_attention=True)[1])
+    attention = _attention_at(sd, z0, ctx)
     cover = base_model.grounding_targets(scenes, ids, word_ids, base_model.cross_attention_sides(sd.unet))
     grounded = {key: list(zip(*np.nonzero(c.sum(1)))) for key, c in cover.items()}  # (example, token) pairs
     out = {}
@@ -151,10 +157,7 @@ def object_attention(sd: StableDiffusion, images_NxHxWx3: np.ndarray, prompt: st
     ids = sd.tokenizer.encode([prompt] * n)
     z0 = _scaled_latents(sd, images)
     ctx = _context(sd, [prompt] * n)
-    ac = jnp.asarray(alphas_cumprod(sd.scheduler), jnp.float32)
-    attention = jax.jit(lambda noise, t: training.denoising_errors(
-        sd.unet, sd.params["unet"], ctx, z0, noise, jnp.full((n,), t), ac, sd.scheduler.prediction_type,
-        with_attention=True)[1])
+    attention = _attention_at(sd, z0, ctx)
     side_px = masks.shape[1]
     inside, outside = [], []
     for t in timesteps:
@@ -164,11 +167,12 @@ def object_attention(sd: StableDiffusion, images_NxHxWx3: np.ndarray, prompt: st
                 p = np.asarray(probs_NxQxK, np.float32)
                 side = int(round(p.shape[1] ** 0.5))
                 cover = masks.reshape(n, side, side_px // side, side, side_px // side).mean(axis=(2, 4)).reshape(n, -1)
+                on_object, on_background = cover >= 0.5, cover == 0
                 # a grid too coarse to hold a whole cell of the object (or of background) adds nothing
-                if (cover >= 0.5).any():
-                    inside.append(p[cover >= 0.5].mean(0))
-                if (cover == 0).any():
-                    outside.append(p[cover == 0].mean(0))
+                if on_object.any():
+                    inside.append(p[on_object].mean(0))
+                if on_background.any():
+                    outside.append(p[on_background].mean(0))
     return {"tokens": sd.tokenizer.token_strings(ids[0]), "object": np.mean(inside, 0),
             "background": np.mean(outside, 0)}
 
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         images = np.stack([np.round((x + 1.0) * 127.5) for x in images]).astype(np.uint8)
         for prompt in args.object_attention:
             share = object_attention(sd, images, prompt)
-            eos = share["tokens"].index(sd.tokenizer.eos_token) if sd.tokenizer.eos_token in share["tokens"] else -1
+            eos = share["tokens"].index(sd.tokenizer.eos_token)  # `encode` always writes one
             print(f"{prompt!r}: share of an object cell's / a background cell's attention, by token")
             for k, tok in enumerate(share["tokens"][:eos + 1]):
                 print(f"  {tok:>16} {100 * share['object'][k]:5.1f}% {100 * share['background'][k]:5.1f}%")
