@@ -211,6 +211,7 @@ def test_gate_table_marks_each_gate():
 
 @pytest.mark.parametrize("argv, message", [
     (["--layouts", "test"], "invalid choice: 'test'"),
+    (["--layout-seed", "90210"], "is a named set's seed; use --layouts instead"),
     (["--counts", "5=2"], "objects per layout 2-4"),
     (["--counts", "2:3"], "is not like 2=8,3=8,4=8"),
     (["--seeds", "0"], "--seeds 0 must be at least 1"),

@@ -14,7 +14,8 @@ Prints one markdown table, each gate with its measured value, its goal and pass 
                    dot, or spills it over its box, does not respect the box)
 for each preset, guided at λ = evaluate.GUIDANCE_WEIGHT unless --set guidance_weight=... says
 otherwise. Layouts and prompts come from a seeded generator: --layouts dev (DEV_SEED) for tuning,
---layouts held-out (HELD_OUT_SEED) for the reported numbers only. The detector's ceiling on renders
+--layouts held-out (HELD_OUT_SEED) for the reported numbers only, --layout-seed N for a fresh
+held-out set once HELD_OUT_SEED's has seen a decision. The detector's ceiling on renders
 that follow the layouts is printed alongside.
 """
 
@@ -419,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds per layout, per text prompt and per colour x shape of the single-object gate")
     p.add_argument("--layouts", choices=tuple(LAYOUT_SEEDS), default="dev",
                    help="the layouts and prompts: dev (for tuning) or held-out (for reported numbers only)")
+    p.add_argument("--layout-seed", type=int, metavar="N",
+                   help="another seed of the generator, instead of --layouts: a fresh held-out set, once "
+                        "HELD_OUT_SEED's has seen a decision")
     p.add_argument("--counts", type=parse_counts, default=DEFAULT_COUNTS, metavar="2=N,3=N,4=N",
                    help="layouts per number of objects (default 2=8,3=8,4=8)")
     p.add_argument("--prompts", type=int, default=16, help="text-alignment prompts per number of objects")
@@ -431,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-words", action="store_true",
                    help='the layouts\' prompts name each object\'s size for its box ("a small red star and a big ...")')
     args = p.parse_args(argv)
+    if args.layout_seed is not None and args.layout_seed in (DEV_SEED, HELD_OUT_SEED):
+        p.error(f"--layout-seed {args.layout_seed} is a named set's seed; use --layouts instead")
     for name in ("seeds", "prompts", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be at least 1")
@@ -440,11 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e).splitlines()[0])
     det = detect.load_detector(args.detector)
     sd = load_pipeline(args.model)
-    measured = measure(sd, det, seeds=list(range(args.seeds)), layout_seed=LAYOUT_SEEDS[args.layouts],
+    layout_seed = LAYOUT_SEEDS[args.layouts] if args.layout_seed is None else args.layout_seed
+    layouts = args.layouts if args.layout_seed is None else f"seed {args.layout_seed}"
+    measured = measure(sd, det, seeds=list(range(args.seeds)), layout_seed=layout_seed,
                        counts=args.counts, presets=args.presets, overrides=overrides, steps=args.steps,
                        prompts=args.prompts, base=not args.skip_base, size_words=args.size_words,
                        log=lambda s: print(s, file=sys.stderr))
-    print(f"fidelity gates, {args.layouts} layouts {args.counts}{', size words' if args.size_words else ''}, "
+    print(f"fidelity gates, {layouts} layouts {args.counts}{', size words' if args.size_words else ''}, "
           f"{args.seeds} seed(s), model {args.model}")
     print(format_table(gate_rows(measured)))
     return 0
