@@ -27,6 +27,14 @@ whichever is smaller. Its metadata:
   identifiers   JSON list of the identifier tokens, e.g. ["sks"]
   classes       JSON list of the class words, e.g. ["dog"]
   ...           anything else the search recorded (steps, tau, ...), kept in `ConceptNeurons.meta`
+
+Neuron scores
+-------------
+`train.py neurons --keep-scores` also writes, beside each `.cones` file, the search's scores M_p
+(`NAME.scores.safetensors`): one float32 tensor per searched UNet tensor, of its shape, and the
+metadata of a `.cones` file without `tensors` and `tau` (format "cones_jax.neuron_scores").
+`train.py neurons-cut` picks neurons from it at another τ or sparsity without searching again: the
+search is the costly part, and the cut is the knob tuned per model.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from cones_jax.fileio import CheckpointError, load_safetensors, read_torch_tenso
 
 RESIDUAL_FORMAT = "cones_jax.residual"
 NEURONS_FORMAT = "cones_jax.neurons"
+SCORES_FORMAT = "cones_jax.neuron_scores"
+SCORES_SUFFIX = ".scores.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,3 +281,58 @@ def load_neurons(path: str, *, unet_fingerprint: str | None = None,
     extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "tensors", "identifiers",
                                                          "classes")}
     return ConceptNeurons(indices, shapes, identifiers, classes, meta.get("unet", ""), extra, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron scores
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronScores:
+    """The scores M_p of one search, and what a `.cones` file cut from them records."""
+
+    scores: dict[str, np.ndarray]    # path -> M_p, the shape of the searched tensor
+    identifiers: tuple[str, ...]
+    classes: tuple[str, ...]
+    unet: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)  # rho, steps, batch
+    path: str = ""
+
+
+def scores_path(cones_path: str) -> str:
+    """Where `--keep-scores` puts the scores of the search that wrote `cones_path`."""
+    stem = cones_path[:-len(".cones")] if cones_path.endswith(".cones") else cones_path
+    return stem + SCORES_SUFFIX
+
+
+def save_neuron_scores(path: str, ns: NeuronScores) -> None:
+    """Writes `ns` (atomically)."""
+    meta = {"format": SCORES_FORMAT, "version": "1", "unet": ns.unet,
+            "identifiers": json.dumps(list(ns.identifiers)), "classes": json.dumps(list(ns.classes)),
+            **{k: str(v) for k, v in ns.meta.items()}}
+    save_safetensors(path, {k: np.asarray(v, np.float32) for k, v in ns.scores.items()}, meta)
+
+
+def load_neuron_scores(path: str) -> NeuronScores:
+    """Reads a scores file written by `train.py neurons --keep-scores`."""
+    if not os.path.isfile(path):
+        raise NeuronsFileError(f"neuron-scores file {path} does not exist; write one with train.py neurons "
+                               "--keep-scores")
+    try:
+        tensors, meta = load_safetensors(path)
+    except CheckpointError as e:
+        raise NeuronsFileError(str(e)) from None
+    if meta.get("format") != SCORES_FORMAT:
+        raise NeuronsFileError(f"{path} is not a cones_jax neuron-scores file (format={meta.get('format')!r}); give "
+                               f"the {SCORES_SUFFIX} file that train.py neurons --keep-scores wrote")
+    try:
+        identifiers = tuple(json.loads(meta.get("identifiers", "[]")))
+        classes = tuple(json.loads(meta.get("classes", "[]")))
+    except json.JSONDecodeError:
+        raise NeuronsFileError(f"{path}: corrupt metadata") from None
+    scores = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    if not scores or not all(np.isfinite(v).all() for v in scores.values()):
+        raise NeuronsFileError(f"{path}: no scores, or scores that are not finite; the file is corrupt")
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "unet", "identifiers", "classes")}
+    return NeuronScores(scores, identifiers, classes, meta.get("unet", ""), extra, path)

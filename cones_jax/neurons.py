@@ -40,15 +40,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cones_jax import training
+from cones_jax import artifacts, training
 from cones_jax.artifacts import (  # noqa: F401
     NEURONS_FORMAT,
     ConceptNeurons,
+    NeuronScores,
     check_indices,
     decode_indices,
     encode_indices,
+    load_neuron_scores,
     load_neurons,
+    save_neuron_scores,
     save_neurons,
+    scores_path,
 )
 from cones_jax.config import load_config
 from cones_jax.convert import flatten, unflatten
@@ -238,6 +242,63 @@ def select_neurons(scores: dict[str, np.ndarray], tau: float) -> dict[str, np.nd
     if n == total:
         raise NeuronsError(f"tau {tau:g} selects every searched weight ({total}); raise --tau or use --sparsity")
     return out
+
+
+def cut(ns: NeuronScores, tau: float | None, sparsity: float | None, out: str) -> ConceptNeurons:
+    """The concept neurons of the scores `ns`: M_p > τ, with τ from `sparsity` when no `tau` is given."""
+    if tau is None:
+        tau = tau_for_sparsity(ns.scores, sparsity)
+    indices = select_neurons(ns.scores, tau)
+    return ConceptNeurons(indices, {k: tuple(v.shape) for k, v in ns.scores.items()}, ns.identifiers, ns.classes,
+                          ns.unet, {"tau": f"{tau:.6g}", **ns.meta}, out)
+
+
+def write_neurons(ns: NeuronScores, tau: float | None, sparsity: float | None, out: str, *, overwrite: bool,
+                  keep_scores: bool, log: Callable[[str], None]) -> ConceptNeurons:
+    """Cuts `ns` and writes `out` (and, with `keep_scores`, the scores beside it for `neurons-cut`)."""
+    cn = cut(ns, tau, sparsity, out)
+    _check_out(out, overwrite)
+    if keep_scores:
+        save_neuron_scores(scores_path(out), ns)
+    save_neurons(out, cn)
+    log(f"wrote {out}: {cn.count} concept neurons of {cn.searched} searched weights "
+        f"({100 * cn.count / cn.searched:.3f}%), {os.path.getsize(out) / 1024:.1f} KiB"
+        + (f"; scores in {scores_path(out)}" if keep_scores else ""))
+    return cn
+
+
+def cut_scores(scores_files: Sequence[str], *, out: str | None = None, out_dir: str | None = None,
+               tau: float | None = None, sparsity: float | None = None, overwrite: bool = False,
+               log: Callable[[str], None] | None = None) -> list[ConceptNeurons]:
+    """`train.py neurons-cut`: `.cones` files from kept scores at another τ or sparsity, with no search.
+
+    One scores file to `out`, or any number to `out_dir/<name>.cones` (the name the search gave
+    them). Every file is read and checked before any is written."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if (tau is None) == (sparsity is None):
+        raise NeuronsError("give --tau or --sparsity (how many of the scored weights to shut)")
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+    if (out is None) == (out_dir is None):
+        raise NeuronsError("give --out FILE.cones (one scores file) or --out-dir DIR (any number)")
+    if out is not None and len(scores_files) != 1:
+        raise NeuronsError(f"--out takes one scores file, got {len(scores_files)}; use --out-dir for several")
+    if out_dir is not None and os.path.isfile(out_dir):
+        raise NeuronsError(f"--out-dir {out_dir} is a file; give a folder")
+    loaded = [load_neuron_scores(f) for f in scores_files]
+    names = [os.path.basename(f)[:-len(artifacts.SCORES_SUFFIX)] if f.endswith(artifacts.SCORES_SUFFIX)
+             else os.path.splitext(os.path.basename(f))[0] for f in scores_files]
+    outs = [out] if out is not None else [os.path.join(out_dir, n + ".cones") for n in names]
+    if len(set(outs)) != len(outs):
+        raise NeuronsError("two scores files have the same name; cut them into separate --out-dir folders")
+    sets = [cut(ns, tau, sparsity, o) for ns, o in zip(loaded, outs)]  # all checked before writing
+    for o in outs:
+        _check_out(o, overwrite)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    for ns, o in zip(loaded, outs):
+        write_neurons(ns, tau, sparsity, o, overwrite=overwrite, keep_scores=False, log=log)
+    return sets
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +585,7 @@ class SearchOptions:
     dtype: str = "fp32"
     overwrite: bool = False
     progress: bool = True
+    keep_scores: bool = False  # also write the scores M_p beside each file, for `cut_scores`
 
 
 def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, options: SearchOptions | None = None,
@@ -565,17 +627,13 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
     if history is not None:
         history.extend(hist)
     _check_finite(scores, ckpt)
-    if tau is None:
-        tau = tau_for_sparsity(scores, sparsity)
-    indices = select_neurons(scores, tau)
-    cn = ConceptNeurons(indices, {k: setup.shapes[k] for k in setup.paths}, (subj.identifier,), (class_word,),
-                        setup.fingerprint, {"tau": f"{tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"],
-                                            "batch": cfg["batch"]}, out)
-    _check_out(out, opts.overwrite)
-    save_neurons(out, cn)
-    log(f"wrote {out}: {cn.count} concept neurons of {cn.searched} searched weights "
-        f"({100 * cn.count / cn.searched:.3f}%), {os.path.getsize(out) / 1024:.1f} KiB")
-    return cn
+    ns = NeuronScores(scores, (subj.identifier,), (class_word,), setup.fingerprint, search_meta(cfg))
+    return write_neurons(ns, tau, sparsity, out, overwrite=opts.overwrite, keep_scores=opts.keep_scores, log=log)
+
+
+def search_meta(cfg: Mapping[str, Any]) -> dict:
+    """What a `.cones` file records of the search that found it (besides τ)."""
+    return {"rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -808,7 +866,6 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
     sd = load_pipeline(model_dir, dtype=opts.dtype)
     fingerprint = sd.unet_fingerprint
     paths = search_paths(sd.params["unet"], cfg["search"])
-    shapes = unet_shapes(sd.params["unet"])
     mesh = subjects.make_subject_mesh(n, cfg["batch"], model=model)
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} device(s)")
     per_subject = []
@@ -876,24 +933,19 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
         m_p = neuron_scores({k: v[i] for k, v in offsets.items()}, cfg["rho"])
         if scores is not None:
             scores.append(m_p)
+        path = subjects.artifact_path(out_dir, p.entry, ".cones")
+        ns = NeuronScores(m_p, (p.identifier,), (p.class_word,), fingerprint, search_meta(cfg))
         try:
             if i in stopped or not all(np.isfinite(v).all() for v in m_p.values()):
                 raise DivergedError("its search diverged (non-finite loss or ξ); lower the learning rate (rho)")
-            s_tau = p.tau if p.tau is not None else tau_for_sparsity(m_p, p.sparsity)
-            indices = select_neurons(m_p, s_tau)
+            cn = cut(ns, p.tau, p.sparsity, path)
         except (NeuronsError, DivergedError) as e:
             log(f"subject {name!r}: nothing written: {e}")
             failed.append(name)
             continue
-        path = subjects.artifact_path(out_dir, p.entry, ".cones")
-        cn = ConceptNeurons(indices, {k: shapes[k] for k in paths}, (p.identifier,), (p.class_word,), fingerprint,
-                            {"tau": f"{s_tau:.6g}", "rho": cfg["rho"], "steps": cfg["steps"], "batch": cfg["batch"]},
-                            path)
         if subjects.is_writer() and not subjects.keep_existing(path, overwrite=opts.overwrite, resuming=resuming):
-            _check_out(path, opts.overwrite)
-            save_neurons(path, cn)
-            log(f"wrote {path}: {cn.count} concept neurons of {cn.searched} searched weights "
-                f"({100 * cn.count / cn.searched:.3f}%)")
+            write_neurons(ns, p.tau, p.sparsity, path, overwrite=opts.overwrite, keep_scores=opts.keep_scores,
+                          log=log)
         out.append(cn)
     if failed:
         raise NeuronsError(f"{len(failed)} of {n} subject(s) got no .cones file ({', '.join(map(repr, failed))}; each "

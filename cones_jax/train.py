@@ -9,6 +9,8 @@ the command line of `train.py`, `python -m cones_jax.train` and `cones-jax-train
     python train.py neurons --model /models/sd15 --subjects subjects.json --out-dir neurons/
     python train.py neurons-joint --model /models/sd15 --neurons dog.cones cat.cones \
         --images photos/dog photos/cat --out dog_cat.cones
+    python train.py neurons ... --keep-scores        # also dog.scores.safetensors, the scores M_p
+    python train.py neurons-cut --scores dog.scores.safetensors --sparsity 2e-3 --out dog_2e-3.cones
 
 Config values: the preset (or `--config NAME|FILE.py`) < flags. With neither --preset nor --config,
 the model's own training defaults apply (the demo model's recipe, else its native resolution; see
@@ -154,8 +156,26 @@ def _neurons_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", help="orbax checkpoints of ξ + step + RNG")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-scores", action="store_true",
+                   help="also write the scores M_p beside each .cones file (NAME.scores.safetensors), to cut at "
+                        "another τ or sparsity with train.py neurons-cut, without searching again")
     _distributed_flags(p)
     _run_flags(p)
+
+
+def _cut_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("neurons-cut", help="Cones: concept neurons from kept scores at another τ or sparsity",
+                       description="Write .cones files from the scores that train.py neurons --keep-scores kept: "
+                                   "the weights with M_p > τ (Alg. A2), with no search and no model.")
+    p.add_argument("--scores", nargs="+", required=True, help="NAME.scores.safetensors file(s)")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--tau", type=float, help="shut the weights with M_p > τ")
+    sel.add_argument("--sparsity", type=float, help="or shut this fraction of the scored weights")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="the .cones file to write (one scores file)")
+    out.add_argument("--out-dir", help="a folder for DIR/NAME.cones, one per scores file")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any failure")
 
 
 def _joint_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _residual_parser(sub)
     _neurons_parser(sub)
+    _cut_parser(sub)
     _joint_parser(sub)
     return p
 
@@ -249,7 +270,8 @@ def run_neurons(args: argparse.Namespace) -> None:
     overrides = {**parse_overrides(args.set), **{k: v for k, v in flags.items() if v is not None}}
     options = SearchOptions(config=args.config, overrides=overrides, tau=args.tau, sparsity=args.sparsity,
                             class_dir=args.class_images, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                            dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+                            dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                            keep_scores=args.keep_scores)
     model = args.model or default_model()
     if args.subjects:
         from cones_jax.subjects import read_subjects
@@ -257,6 +279,13 @@ def run_neurons(args: argparse.Namespace) -> None:
         train_neurons_many(model, read_subjects(args.subjects), args.out_dir, options, skip_bad=args.skip_bad_subjects)
         return
     train_neurons(model, args.images, args.class_word, args.out, options)
+
+
+def run_cut(args: argparse.Namespace) -> None:
+    from cones_jax.neurons import cut_scores
+
+    cut_scores(args.scores, out=args.out, out_dir=args.out_dir, tau=args.tau, sparsity=args.sparsity,
+               overwrite=args.overwrite)
 
 
 def run_joint(args: argparse.Namespace) -> None:
@@ -277,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cones_jax.cli import run_cli
 
-    commands = {"residual": run_residual, "neurons": run_neurons, "neurons-joint": run_joint}
+    commands = {"residual": run_residual, "neurons": run_neurons, "neurons-cut": run_cut, "neurons-joint": run_joint}
     return run_cli(lambda: commands[args.command](args), debug=args.debug, parser=build_parser(),
                    flags={"class_word": "--class", "class_dir": "--class-images"})
 

@@ -249,6 +249,52 @@ def test_cli_search_then_sample(tiny, tmp_path, capsys, monkeypatch):
     assert rc == 2 and len(errs) == 1 and not os.path.exists(tmp_path / "x")
 
 
+def test_kept_scores_cut_again_without_a_search(tiny, tmp_path, capsys):
+    """`neurons --keep-scores` writes the scores beside the .cones file; `neurons-cut` at the search's
+    sparsity writes the same neurons, at another sparsity more of them, and bad input is one line
+    that writes nothing."""
+    root, images, classes = tiny
+    out = str(tmp_path / "dog.cones")
+    rc = train_cli.main(["neurons", "--model", root, "--images", images, "--class", "dog", "--out", out,
+                         "--steps", "2", "--sparsity", "0.01", "--batch", "2", "--no-progress", "--keep-scores",
+                         "--class-images", classes, "--set", "resolution=32"])
+    assert rc == 0, capsys.readouterr().err
+    kept = str(tmp_path / "dog.scores.safetensors")
+    assert "scores in " + kept in capsys.readouterr().err
+    found = neurons.load_neurons(out)
+    ns = neurons.load_neuron_scores(kept)
+    assert (ns.identifiers, ns.classes, ns.unet) == (found.identifiers, found.classes, found.unet)
+    assert {k: v.shape for k, v in ns.scores.items()} == found.shapes
+
+    assert train_cli.main(["neurons-cut", "--scores", kept, "--sparsity", "0.01", "--out-dir",
+                           str(tmp_path / "again")]) == 0
+    again = neurons.load_neurons(str(tmp_path / "again" / "dog.cones"))
+    assert again.meta == found.meta and again.unet == found.unet
+    for k in found.indices:
+        np.testing.assert_array_equal(again.indices[k], found.indices[k])
+    assert train_cli.main(["neurons-cut", "--scores", kept, "--sparsity", "0.03", "--out",
+                           str(tmp_path / "more.cones")]) == 0
+    more = neurons.load_neurons(str(tmp_path / "more.cones"))
+    assert more.count == round(0.03 * found.searched) and more.count > found.count
+    assert all(set(found.indices[k]) <= set(more.indices[k]) for k in found.indices)  # the same ranking, cut lower
+    capsys.readouterr()
+
+    bad = str(tmp_path / "bad.cones")
+    for argv, says in [(["--scores", out, "--sparsity", "0.01", "--out", bad], "not a cones_jax neuron-scores"),
+                       (["--scores", kept, kept, "--sparsity", "0.01", "--out", bad], "--out takes one"),
+                       (["--scores", kept, "--sparsity", "1.5", "--out", bad], "--sparsity must be in (0, 1)"),
+                       (["--scores", kept, "--tau", "1e9", "--out", bad], "selects no neuron"),
+                       (["--scores", str(tmp_path / "no.scores.safetensors"), "--tau", "0", "--out", bad],
+                        "does not exist"),
+                       (["--scores", kept, "--sparsity", "0.01", "--out", str(tmp_path / "more.cones")],
+                        "--overwrite")]:
+        rc = train_cli.main(["neurons-cut"] + argv)
+        errs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errs) == 1 and says in errs[0], (argv, errs)
+    assert not os.path.exists(bad)
+    assert neurons.load_neurons(str(tmp_path / "more.cones")).count == more.count  # left as it was
+
+
 def test_joint_loss_of_one_subject_is_its_concept_loss(setup):
     """Sec. 3.3's summed loss over S = 1 subject is Eq. 4, draw for draw."""
     joint = neurons.JointSetup([setup])

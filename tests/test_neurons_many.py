@@ -60,12 +60,16 @@ def test_multi_subject_run_equals_single_runs(tiny, tmp_path, monkeypatch):
     scores: list = []
     out_dir = str(tmp_path / "many")
     many = _quiet(neurons.train_neurons_many, root, entries, out_dir,
-                  neurons.SearchOptions(overrides=COMMON, sparsity=0.01, class_dir=classes, progress=False),
+                  neurons.SearchOptions(overrides=COMMON, sparsity=0.01, class_dir=classes, progress=False,
+                                        keep_scores=True),
                   scores=scores, log=lines.append)
     assert [cn.path for cn in many] == [os.path.join(out_dir, f"{e.name}.cones") for e in entries]
     for e, one, got, s_one, s_many in zip(entries, singles, many, single_scores, scores):
         back = neurons.load_neurons(os.path.join(out_dir, f"{e.name}.cones"))
         one_back = neurons.load_neurons(one.path)
+        # τ is a midpoint of two scores, which the two runs agree on only to float noise (as the scores below)
+        tau, one_tau = float(back.meta.pop("tau")), float(one_back.meta.pop("tau"))
+        assert tau == pytest.approx(one_tau, rel=1e-4), e.name
         assert (back.identifiers, back.classes, back.unet, back.meta, back.shapes) == (
             one_back.identifiers, one_back.classes, one_back.unet, one_back.meta, one_back.shapes), e.name
         scale = max(np.abs(v).max() for v in s_one.values())
@@ -73,6 +77,8 @@ def test_multi_subject_run_equals_single_runs(tiny, tmp_path, monkeypatch):
             np.testing.assert_allclose(s_many[k], s_one[k], atol=1e-4 * scale, rtol=0, err_msg=f"{e.name} {k}")
             np.testing.assert_array_equal(back.indices[k], one.indices[k], err_msg=f"{e.name} {k}")
             np.testing.assert_array_equal(got.indices[k], one.indices[k])
+        kept = neurons.load_neuron_scores(os.path.join(out_dir, f"{e.name}.scores.safetensors"))
+        assert kept.identifiers == back.identifiers and all(np.array_equal(kept.scores[k], s_many[k]) for k in s_many)
     assert singles[1].identifiers == ("xyz",)
     assert singles[2].count > singles[0].count  # max's own sparsity
     assert any("3 subject(s) in one run" in line for line in lines)
