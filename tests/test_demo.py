@@ -221,6 +221,20 @@ def test_layout_guidance_places_subjects_better_than_none():
     assert full >= none + 0.2, (none, full)
 
 
+def test_the_neuron_subjects_file_is_what_made_the_shipped_neurons():
+    """examples/demo_world/neurons.json names each subject's photos, class word and identifier as the
+    shipped .cones files and the evaluation have them, so its one command remakes those files."""
+    from cones_jax import neurons, subjects
+
+    entries = subjects.read_subjects(os.path.join(evaluate.DEMO_WORLD, "neurons.json"))
+    assert sorted(e.name for e in entries) == sorted(evaluate.SUBJECTS)
+    for e in entries:
+        assert e.word == evaluate.SUBJECTS[e.name].shape and e.overrides == {"identifier": evaluate.IDENTIFIERS[e.name]}
+        assert os.path.samefile(e.images, os.path.join(evaluate.DEMO_WORLD, "subjects", e.name))
+        shipped = neurons.load_neurons(os.path.join(evaluate.DEMO_NEURONS, f"{e.name}.cones"))
+        assert (shipped.identifiers, shipped.classes) == ((evaluate.IDENTIFIERS[e.name],), (e.word,))
+
+
 def test_concept_neurons_render_their_subjects():
     """A small run of the identity comparison on the shipped model and its shipped concept neurons:
     with a subject's neurons shut, its identifier prompt ("a sks star") draws more of the subject's
