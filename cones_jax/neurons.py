@@ -40,9 +40,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cones_jax import artifacts, training
+from cones_jax import training
 from cones_jax.artifacts import (  # noqa: F401
     NEURONS_FORMAT,
+    SCORES_SUFFIX,
     ConceptNeurons,
     NeuronScores,
     check_indices,
@@ -253,10 +254,11 @@ def cut(ns: NeuronScores, tau: float | None, sparsity: float | None, out: str) -
                           ns.unet, {"tau": f"{tau:.6g}", **ns.meta}, out)
 
 
-def write_neurons(ns: NeuronScores, tau: float | None, sparsity: float | None, out: str, *, overwrite: bool,
-                  keep_scores: bool, log: Callable[[str], None]) -> ConceptNeurons:
-    """Cuts `ns` and writes `out` (and, with `keep_scores`, the scores beside it for `neurons-cut`)."""
-    cn = cut(ns, tau, sparsity, out)
+def write_neurons(ns: NeuronScores, cn: ConceptNeurons, *, overwrite: bool, keep_scores: bool,
+                  log: Callable[[str], None]) -> ConceptNeurons:
+    """Writes `cn`, cut from `ns`, to `cn.path` (and, with `keep_scores`, the scores beside it for
+    `neurons-cut`)."""
+    out = cn.path
     _check_out(out, overwrite)
     if keep_scores:
         save_neuron_scores(scores_path(out), ns)
@@ -286,7 +288,7 @@ def cut_scores(scores_files: Sequence[str], *, out: str | None = None, out_dir: 
     if out_dir is not None and os.path.isfile(out_dir):
         raise NeuronsError(f"--out-dir {out_dir} is a file; give a folder")
     loaded = [load_neuron_scores(f) for f in scores_files]
-    names = [os.path.basename(f)[:-len(artifacts.SCORES_SUFFIX)] if f.endswith(artifacts.SCORES_SUFFIX)
+    names = [os.path.basename(f)[:-len(SCORES_SUFFIX)] if f.endswith(SCORES_SUFFIX)
              else os.path.splitext(os.path.basename(f))[0] for f in scores_files]
     outs = [out] if out is not None else [os.path.join(out_dir, n + ".cones") for n in names]
     if len(set(outs)) != len(outs):
@@ -296,8 +298,8 @@ def cut_scores(scores_files: Sequence[str], *, out: str | None = None, out_dir: 
         _check_out(o, overwrite)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-    for ns, o in zip(loaded, outs):
-        write_neurons(ns, tau, sparsity, o, overwrite=overwrite, keep_scores=False, log=log)
+    for ns, cn in zip(loaded, sets):
+        write_neurons(ns, cn, overwrite=overwrite, keep_scores=False, log=log)
     return sets
 
 
@@ -628,7 +630,8 @@ def train_neurons(model_dir: str, images_dir: str, class_word: str, out: str, op
         history.extend(hist)
     _check_finite(scores, ckpt)
     ns = NeuronScores(scores, (subj.identifier,), (class_word,), setup.fingerprint, search_meta(cfg))
-    return write_neurons(ns, tau, sparsity, out, overwrite=opts.overwrite, keep_scores=opts.keep_scores, log=log)
+    return write_neurons(ns, cut(ns, tau, sparsity, out), overwrite=opts.overwrite, keep_scores=opts.keep_scores,
+                         log=log)
 
 
 def search_meta(cfg: Mapping[str, Any]) -> dict:
@@ -944,8 +947,7 @@ def train_neurons_many(model_dir: str, entries: Sequence[Any], out_dir: str, opt
             failed.append(name)
             continue
         if subjects.is_writer() and not subjects.keep_existing(path, overwrite=opts.overwrite, resuming=resuming):
-            write_neurons(ns, p.tau, p.sparsity, path, overwrite=opts.overwrite, keep_scores=opts.keep_scores,
-                          log=log)
+            write_neurons(ns, cn, overwrite=opts.overwrite, keep_scores=opts.keep_scores, log=log)
         out.append(cn)
     if failed:
         raise NeuronsError(f"{len(failed)} of {n} subject(s) got no .cones file ({', '.join(map(repr, failed))}; each "
