@@ -279,8 +279,7 @@ def cut_scores(scores_files: Sequence[str], *, out: str | None = None, out_dir: 
     log = log or (lambda s: print(s, file=sys.stderr))
     if (tau is None) == (sparsity is None):
         raise NeuronsError("give --tau or --sparsity (how many of the scored weights to shut)")
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"--sparsity must be in (0, 1), got {sparsity}")
+    selection(tau, sparsity, {}, name="--sparsity")
     if (out is None) == (out_dir is None):
         raise NeuronsError("give --out FILE.cones (one scores file) or --out-dir DIR (any number)")
     if out is not None and len(scores_files) != 1:
@@ -755,14 +754,15 @@ class SubjectPlan:
         return self.entry.word.strip()
 
 
-def selection(tau: float | None, sparsity: float | None, cfg: Mapping[str, Any],
-              where: str = "") -> tuple[float | None, float | None]:
+def selection(tau: float | None, sparsity: float | None, cfg: Mapping[str, Any], where: str = "",
+              name: str = "`sparsity`") -> tuple[float | None, float | None]:
     """How a search's neurons are picked: the given `tau` or `sparsity`, else the config's; a
-    sparsity outside (0, 1) is refused (`where` names the subject of a many-subject run)."""
+    sparsity outside (0, 1) is refused, naming it as `name` (`where` names the subject of a
+    many-subject run)."""
     if tau is None and sparsity is None:
         tau, sparsity = cfg["tau"], cfg["sparsity"]
     if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise NeuronsError(f"{where}`sparsity` must be in (0, 1), got {sparsity}")
+        raise NeuronsError(f"{where}{name} must be in (0, 1), got {sparsity}")
     return tau, sparsity
 
 
