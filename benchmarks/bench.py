@@ -229,13 +229,16 @@ def summary_table(r: dict) -> str:
 
 
 # The demo recipe beside variants: a UNet with text at every level, as Stable Diffusion puts it at
-# its three finest (here also at 32², with self-attention over 1024 positions there), and the
-# recipe's UNet with the token grounding loss (its attention probabilities kept for the loss).
+# its three finest (here also at 32², with self-attention over 1024 positions there), the recipe's
+# UNet with the token grounding loss (its attention probabilities kept for the loss), and the
+# recipe's UNet on 128 px images (`latent_scale` 2: latents at 64², its attention at 32² and 16²),
+# which is what a 128 px demo model would cost a step.
 DEMO_VARIANTS = {
     "recipe": {},
     "text at 32²": dict(unet=dict(down_block_types=["CrossAttnDownBlock2D"] * 3,
                                   up_block_types=["CrossAttnUpBlock2D"] * 3)),
     "grounding loss": dict(grounding_weight=0.05),
+    "128 px": dict(latent_scale=2),
 }
 
 
@@ -254,33 +257,32 @@ def run_demo_step(args: argparse.Namespace, command: str) -> dict:
     from cones_jax.tokenizer import clip_vocabulary
 
     text, _ = bm.models(len(clip_vocabulary(bm.vocabulary())[0]))
-    side = bm.UNET["sample_size"]
     rng = np.random.default_rng(0)
-    batch = {"mean": rng.standard_normal((args.batch, side, side, 4)).astype(np.float32),
-             "std": np.full((args.batch, side, side, 4), 0.01, np.float32),
-             "ids": rng.integers(0, 50, (args.batch, bm.MAX_LENGTH)).astype(np.int32)}
     opt = bm.optimizer(1e-4, 10, 100)
     mesh = training.make_mesh(args.batch)
-    steps, states, params_n, compile_s = {}, {}, {}, {}
+    steps, states, params_n, compile_s, batches = {}, {}, {}, {}, {}
 
     def one_step(name: str) -> jax.Array:
         states[name], m = steps[name](states[name], batches[name])
         return m["loss"]
 
-    # grounding targets as sparse as real captions' (a few trait words, objects on a tenth of the grid)
-    grounded = dict(batch, **{f"ground_{s * s}": (rng.random((args.batch, s * s, bm.MAX_LENGTH)) < 0.01
-                                                  ).astype(np.float32) for s in bm.cross_attention_sides(
-                                                      UNet2DConditionModel(UNetConfig.from_dict(bm.UNET)))})
-    batches = {}
     for name, change in DEMO_VARIANTS.items():
-        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, **change.get("unet", {}))))
+        side = bm.UNET["sample_size"] * change.get("latent_scale", 1)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(bm.UNET, sample_size=side, **change.get("unet", {}))))
+        batch = {"mean": rng.standard_normal((args.batch, side, side, 4)).astype(np.float32),
+                 "std": np.full((args.batch, side, side, 4), 0.01, np.float32),
+                 "ids": rng.integers(0, 50, (args.batch, bm.MAX_LENGTH)).astype(np.int32)}
+        weight = change.get("grounding_weight", 0.0)
+        if weight:
+            # grounding targets as sparse as real captions' (a few trait words, objects on a tenth of the grid)
+            batch.update({f"ground_{s * s}": (rng.random((args.batch, s * s, bm.MAX_LENGTH)) < 0.01).astype(np.float32)
+                          for s in bm.cross_attention_sides(unet)})
+        batches[name] = batch
         # random weights drawn on the host: the step's speed does not depend on their values, and
         # compiling each module's init would cost as much as the step itself on a small CPU
         params = {"text_encoder": random_params(text_encoder_shapes(text), seed=0),
                   "unet": random_params(unet.param_shapes(), seed=1)}
         params_n[name] = sum(x.size for x in jax.tree.leaves(params))
-        weight = change.get("grounding_weight", 0.0)
-        batches[name] = grounded if weight else batch
         steps[name] = training.make_train_step(bm.make_diffusion_loss(unet, text, 1.0, grounding_weight=weight),
                                                opt, mesh, frozen={})
         states[name] = steps[name].put_state(training.init_state(params, opt, seed=0, ema=True))

@@ -36,7 +36,8 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
 
 def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
     # A smoke test: the smallest recipe (two levels, cross-attention at 4², 8² latents) against one
-    # narrower variant with the grounding loss, so the test compiles two small steps; the real
+    # narrower variant with the grounding loss at twice the image side, so the test compiles two
+    # small steps; the real
     # recipe and variants are for `python -m benchmarks.bench demo-step`.
     from cones_jax.demo import base_model
 
@@ -44,7 +45,7 @@ def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[4, 4])
     for key, value in small.items():
         monkeypatch.setitem(base_model.UNET, key, value)
-    narrow = dict(unet=dict(block_out_channels=[8, 16]), grounding_weight=0.05)
+    narrow = dict(unet=dict(block_out_channels=[8, 16]), grounding_weight=0.05, latent_scale=2)
     monkeypatch.setattr(bench, "DEMO_VARIANTS", {"recipe": {}, "narrow": narrow})
     result = bench.main(["demo-step", "--batch", "1", "--iters", "1"])
     assert set(result["median_s"]) == {"recipe", "narrow"} and all(v > 0 for v in result["median_s"].values())
