@@ -67,6 +67,10 @@ def test_layout_of_case_guides_each_shape_word_to_its_box():
     assert [(s.word, s.box, s.strength) for s in lay.subjects] == [
         (shape, box, 2.5) for (shape, _), box in zip(case.objects, case.boxes)]
     assert lay.guidance_weight is None  # λ comes from the sampling config
+    half = fidelity.layout_of_case(case, strength=2.5, box_scale=0.5)
+    for sub, (x0, y0, x1, y1) in zip(half.subjects, case.boxes):
+        qx, qy = (x1 - x0) / 4, (y1 - y0) / 4
+        assert sub.box == pytest.approx((x0 + qx, y0 + qy, x1 - qx, y1 - qy))
     assert evaluate.preset_config("official")["guidance_weight"] == evaluate.GUIDANCE_WEIGHT
     assert evaluate.preset_config("official", {"guidance_weight": 0.5}, steps=4)["guidance_weight"] == 0.5
 
@@ -235,3 +239,10 @@ def test_placement_runs_on_the_demo_model(det):
     got = fidelity.placement(sd, det, cases, [0], "official", guided=True, steps=4)
     assert set(got) == {2} and got[2]["images"] == 1
     assert 0.0 <= got[2]["placement"] <= 1.0
+
+
+@pytest.mark.parametrize("scale", ["0", "1.5"])
+def test_guide_box_scale_outside_0_1_is_refused_before_loading(scale, capsys):
+    with pytest.raises(SystemExit) as e:
+        fidelity.main(["--model", "/nonexistent", "--guide-box-scale", scale])
+    assert e.value.code == 2 and "--guide-box-scale" in capsys.readouterr().err

@@ -188,10 +188,20 @@ def layout_set(seed: int, counts: Mapping[int, int] | None = None, *, size_words
     return [dataclasses.replace(c, size_words=True) for c in cases] if size_words else cases
 
 
-def layout_of_case(case: LayoutCase, *, strength: float) -> layout_lib.Layout:
+def scaled_box(box: Sequence[float], scale: float) -> tuple[float, float, float, float]:
+    """`box` scaled about its centre by `scale`."""
+    x0, y0, x1, y1 = box
+    cx, cy, hx, hy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * scale / 2, (y1 - y0) * scale / 2
+    return (cx - hx, cy - hy, cx + hx, cy + hy)
+
+
+def layout_of_case(case: LayoutCase, *, strength: float, box_scale: float = 1.0) -> layout_lib.Layout:
     """The case as a layout guiding each object's shape word to its box at γ⁺ = `strength`; λ is the
-    sampling config's (evaluate.preset_config: evaluate.GUIDANCE_WEIGHT unless overridden)."""
-    subjects = tuple(layout_lib.Subject(word=shape, box=box, strength=strength)
+    sampling config's (evaluate.preset_config: evaluate.GUIDANCE_WEIGHT unless overridden). With
+    `box_scale` < 1 the guided region is the box shrunk about its centre (objects are still scored
+    against the box itself), to ask for objects that fit their boxes."""
+    subjects = tuple(layout_lib.Subject(word=shape, box=scaled_box(box, box_scale) if box_scale != 1.0 else box,
+                                        strength=strength)
                      for (shape, _), box in zip(case.objects, case.boxes))
     return layout_lib.Layout(prompt=case.prompt, subjects=subjects, size=(world.IMAGE_SIZE, world.IMAGE_SIZE))
 
@@ -298,12 +308,12 @@ def text_alignment(sd: StableDiffusion, detector: detect.Detector, *, n_objects:
 
 def placement(sd: StableDiffusion, detector: detect.Detector, cases: Sequence[LayoutCase], seeds: Sequence[int],
               preset: str, *, guided: bool, overrides: Mapping[str, Any] | None = None,
-              steps: int | None = None) -> dict[int, dict[str, float]]:
+              steps: int | None = None, box_scale: float = 1.0) -> dict[int, dict[str, float]]:
     """Each case drawn with each seed on the preset (evaluate.preset_config: λ = GUIDANCE_WEIGHT
-    unless `overrides` say otherwise; `steps` fewer than the preset's), guided by its layout or not;
-    `summarise` of the images' `score_layout_image`."""
+    unless `overrides` say otherwise; `steps` fewer than the preset's), guided by its layout
+    (`layout_of_case` with `box_scale`) or not; `summarise` of the images' `score_layout_image`."""
     cfg = evaluate.preset_config(preset, overrides, steps=steps)
-    layouts = [layout_of_case(c, strength=cfg["weight_positive"]) for c in cases]
+    layouts = [layout_of_case(c, strength=cfg["weight_positive"], box_scale=box_scale) for c in cases]
     images = evaluate.layout_sampler(sd, cfg, guided=guided).draw(layouts, seeds).images
     cases_of_images = [c for c in cases for _ in seeds]  # draw's order
     return summarise(cases_of_images, [score_layout_image(detector, img, c)
@@ -376,9 +386,9 @@ def format_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
 def measure(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[int], layout_seed: int,
             counts: Mapping[int, int], presets: Sequence[str], overrides: Mapping[str, Any] | None = None,
             steps: int | None = None, prompts: int = 16, base: bool = True, size_words: bool = False,
-            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+            box_scale: float = 1.0, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Every gate (the base model's with `base`), in the form `gate_rows` reads; `size_words`: the
-    layouts' prompts name each object's size (`size_word`)."""
+    layouts' prompts name each object's size (`size_word`); `box_scale`: see `layout_of_case`."""
     t0 = time.time()
     cases = layout_set(layout_seed, counts, size_words=size_words)
     out: dict[str, Any] = {"ceiling": ground_truth_check(detector, cases, seeds)}
@@ -393,7 +403,7 @@ def measure(sd: StableDiffusion, detector: detect.Detector, *, seeds: Sequence[i
     out["placement"] = {}
     for name, preset, guided in [(p, p, True) for p in presets] + [("unguided", presets[0], False)]:
         out["placement"][name] = placement(sd, detector, cases, seeds, preset, guided=guided, overrides=overrides,
-                                           steps=steps)
+                                           steps=steps, box_scale=box_scale)
         log(f"placement, {name}: {out['placement'][name]}")
     out["minutes"] = (time.time() - t0) / 60
     return out
@@ -434,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-base", action="store_true", help="skip the base model's gates (single objects, text)")
     p.add_argument("--size-words", action="store_true",
                    help='the layouts\' prompts name each object\'s size for its box ("a small red star and a big ...")')
+    p.add_argument("--guide-box-scale", type=float, default=1.0, metavar="S",
+                   help="guide each object to its box scaled about its centre by S (0 < S <= 1); it is "
+                        "still scored against the box itself")
     args = p.parse_args(argv)
+    if not 0.0 < args.guide_box_scale <= 1.0:
+        p.error(f"--guide-box-scale {args.guide_box_scale} must be in (0, 1]")
     if args.layout_seed is not None and args.layout_seed in (DEV_SEED, HELD_OUT_SEED):
         p.error(f"--layout-seed {args.layout_seed} is a named set's seed; use --layouts instead")
     for name in ("seeds", "prompts", "steps"):
@@ -451,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure(sd, det, seeds=list(range(args.seeds)), layout_seed=layout_seed,
                        counts=args.counts, presets=args.presets, overrides=overrides, steps=args.steps,
                        prompts=args.prompts, base=not args.skip_base, size_words=args.size_words,
-                       log=lambda s: print(s, file=sys.stderr))
-    print(f"fidelity gates, {layouts} layouts {args.counts}{', size words' if args.size_words else ''}, "
+                       box_scale=args.guide_box_scale, log=lambda s: print(s, file=sys.stderr))
+    scaled = f", guided to boxes scaled by {args.guide_box_scale}" if args.guide_box_scale != 1.0 else ""
+    print(f"fidelity gates, {layouts} layouts {args.counts}{', size words' if args.size_words else ''}{scaled}, "
           f"{args.seeds} seed(s), model {args.model}")
     print(format_table(gate_rows(measured)))
     return 0
