@@ -15,8 +15,9 @@ Prints one markdown table, each gate with its measured value, its goal and pass 
 for each preset, guided at λ = evaluate.GUIDANCE_WEIGHT unless --set guidance_weight=... says
 otherwise. Layouts and prompts come from a seeded generator: --layouts dev (DEV_SEED) for tuning,
 --layouts held-out (HELD_OUT_SEED) for the reported numbers only, --layout-seed N for a fresh
-held-out set once HELD_OUT_SEED's has seen a decision. The detector's ceiling on renders
-that follow the layouts is printed alongside.
+held-out set once HELD_OUT_SEED's has seen a decision; --guide-box-scale S guides each object to
+its box shrunk about its centre (scored against the box as drawn). The detector's ceiling on
+renders that follow the layouts is printed alongside.
 """
 
 from __future__ import annotations
