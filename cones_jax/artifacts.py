@@ -244,36 +244,33 @@ def save_neurons(path: str, cn: ConceptNeurons) -> None:
     save_safetensors(path, tensors, meta)
 
 
-def _read_subject_file(path: str, fmt: str, missing: str, wrong_format: str, fix: str = "", *,
-                       required: tuple[str, ...] = ()) -> tuple[dict, dict, tuple, tuple]:
-    """The opening that `.cones` and scores files share: exists, is safetensors, is `fmt`, has names."""
+def _read_subject_file(path: str, fmt: str, kind: str, *, missing_fix: str = "",
+                       format_fix: str = "") -> tuple[dict, dict, tuple, tuple]:
+    """The opening that `.cones` and scores files share: exists, is safetensors, is `fmt` (a
+    cones_jax `kind` file), has readable names. The fixes are appended to their errors."""
     if not os.path.isfile(path):
-        raise NeuronsFileError(missing)
+        raise NeuronsFileError(f"{kind} file {path} does not exist{missing_fix}")
     try:
         tensors, meta = load_safetensors(path)
     except CheckpointError as e:
         raise NeuronsFileError(str(e)) from None
     if meta.get("format") != fmt:
-        raise NeuronsFileError(f"{wrong_format} (format={meta.get('format')!r}){fix}")
+        raise NeuronsFileError(f"{path} is not a cones_jax {kind} file (format={meta.get('format')!r}){format_fix}")
     try:
         identifiers = tuple(json.loads(meta.get("identifiers", "[]")))
         classes = tuple(json.loads(meta.get("classes", "[]")))
     except json.JSONDecodeError:
         raise NeuronsFileError(f"{path}: corrupt metadata") from None
-    if any(k not in meta for k in required):
-        raise NeuronsFileError(f"{path}: corrupt metadata")
     return tensors, meta, identifiers, classes
 
 
 def load_neurons(path: str, *, unet_fingerprint: str | None = None,
                  unet_shapes: dict[str, tuple[int, ...]] | None = None) -> ConceptNeurons:
     """Reads a `.cones` file; checks it against the base UNet (fingerprint and tensor shapes)."""
-    tensors, meta, identifiers, classes = _read_subject_file(
-        path, NEURONS_FORMAT, f"concept-neuron file {path} does not exist",
-        f"{path} is not a cones_jax concept-neuron file", required=("tensors",))
+    tensors, meta, identifiers, classes = _read_subject_file(path, NEURONS_FORMAT, "concept-neuron")
     try:
         table = json.loads(meta["tensors"])
-    except json.JSONDecodeError:
+    except (KeyError, json.JSONDecodeError):
         raise NeuronsFileError(f"{path}: corrupt metadata") from None
     if unet_fingerprint and meta.get("unet") and meta["unet"] != unet_fingerprint:
         raise NeuronsFileError(f"{path} was found on another base model (UNet {meta['unet']}, this one is "
@@ -331,10 +328,8 @@ def save_neuron_scores(path: str, ns: NeuronScores) -> None:
 def load_neuron_scores(path: str) -> NeuronScores:
     """Reads a scores file written by `train.py neurons --keep-scores`."""
     tensors, meta, identifiers, classes = _read_subject_file(
-        path, SCORES_FORMAT,
-        f"neuron-scores file {path} does not exist; write one with train.py neurons --keep-scores",
-        f"{path} is not a cones_jax neuron-scores file",
-        f"; give the {SCORES_SUFFIX} file that train.py neurons --keep-scores wrote")
+        path, SCORES_FORMAT, "neuron-scores", missing_fix="; write one with train.py neurons --keep-scores",
+        format_fix=f"; give the {SCORES_SUFFIX} file that train.py neurons --keep-scores wrote")
     scores = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
     if not scores or not all(np.isfinite(v).all() for v in scores.values()):
         raise NeuronsFileError(f"{path}: no scores, or scores that are not finite; the file is corrupt")

@@ -37,8 +37,7 @@ def test_bench_unet_tiny_end_to_end(tmp_path, capsys):
 def test_bench_demo_step_times_each_variant(monkeypatch, capsys):
     # A smoke test: the smallest recipe (two levels, cross-attention at 4², 8² latents) against one
     # narrower variant with the grounding loss at twice the image side, so the test compiles two
-    # small steps; the real
-    # recipe and variants are for `python -m benchmarks.bench demo-step`.
+    # small steps; the real recipe and variants are for `python -m benchmarks.bench demo-step`.
     from cones_jax.demo import base_model
 
     small = dict(sample_size=8, block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
